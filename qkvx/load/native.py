@@ -1,0 +1,62 @@
+"""qkvx's own format: model.safetensors + qkvx.json (the ModelSpec). Written by train and any import."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qkvx.errors import QkvxError
+from qkvx.load.common import Checkpoint
+from qkvx.spec import ModelSpec
+
+SPEC_FILE = "qkvx.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_native(path: Path) -> bool:
+    return path.is_dir() and (path / SPEC_FILE).is_file()
+
+
+def read(path: Path) -> Checkpoint:
+    spec_path, weights_path = path / SPEC_FILE, path / WEIGHTS_FILE
+    try:
+        meta = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QkvxError(f"{spec_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
+        raise QkvxError(f"{spec_path}: expected an object with a 'spec' key")
+    spec = ModelSpec.from_dict(meta["spec"], source=str(spec_path))
+    if not weights_path.is_file():
+        raise QkvxError(f"{weights_path}: missing (a native model needs {WEIGHTS_FILE} beside {SPEC_FILE})")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QkvxError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return Checkpoint(spec=spec, state=state, format="native", path=path)
+
+
+def save(model, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write model.safetensors + qkvx.json atomically (temp dir, then rename)."""
+    out = Path(directory)
+    spec: ModelSpec = model.spec
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if spec.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qkvx": "1"})
+        meta = {"spec": spec.to_dict(), "variant": spec.paper_name, **(extra or {})}
+        (tmp / SPEC_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
