@@ -8,14 +8,14 @@ __version__ = "0.1.0"
 def load(path):
     """Load a paper checkpoint (.pt), a Hugging Face folder or a native qkvx folder.
     Returns the model (torch.nn.Module in eval mode) with `.spec` (its ModelSpec)."""
-    from qkvx.load import load as _load
+    from qkvx.loaders import load as _load
 
     return _load(path)
 
 
 def save(model, directory):
     """Write the native format: model.safetensors + qkvx.json (the ModelSpec)."""
-    from qkvx.load.native import save as _save
+    from qkvx.loaders.native import save as _save
 
     return _save(model, directory)
 

@@ -7,11 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qkvx.errors import QkvxError
-from qkvx.load.common import Checkpoint
+from qkvx.loaders.common import Checkpoint, read_safetensors
 from qkvx.spec import ModelSpec
 
 SPEC_FILE = "qkvx.json"
@@ -33,11 +32,9 @@ def read(path: Path) -> Checkpoint:
     spec = ModelSpec.from_dict(meta["spec"], source=str(spec_path))
     if not weights_path.is_file():
         raise QkvxError(f"{weights_path}: missing (a native model needs {WEIGHTS_FILE} beside {SPEC_FILE})")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QkvxError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return Checkpoint(spec=spec, state=state, format="native", path=path)
+    state = read_safetensors(weights_path)
+    meta = {k: v for k, v in meta.items() if k not in ("spec", "variant")}
+    return Checkpoint(spec=spec, state=state, format="native", path=path, meta=meta)
 
 
 def save(model, directory: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from qkvx.errors import QkvxError
-from qkvx.load import hf, native, paper
-from qkvx.load.common import Checkpoint, build_model
+from qkvx.loaders import hf, native, paper
+from qkvx.loaders.common import Checkpoint, build_model
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -28,8 +28,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def load(path: str | os.PathLike):
-    """The model (eval mode) with `.spec` and `.source` (format and path) set."""
+    """The model (eval mode) with `.spec`, `.source` (format, path) and `.meta` set."""
     ckpt = read_checkpoint(path)
     model = build_model(ckpt)
     model.source = {"format": ckpt.format, "path": str(ckpt.path)}
+    model.meta = ckpt.meta
     return model

@@ -1,0 +1,3 @@
+from qkvx.cli import main
+
+main()

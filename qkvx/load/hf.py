@@ -1,4 +1,0 @@
-def is_hf(path):
-    return False
-def read(path):
-    raise NotImplementedError
