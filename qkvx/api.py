@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qkvx.errors import QkvxError
 from qkvx.spec import ModelSpec, cache_layout
 
 
@@ -47,3 +48,38 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         "kv_saving_percent": cache["saving_percent"],
         "meta": model.meta,
     }
+
+
+def export(model: str | os.PathLike, recipe: str, out: str | os.PathLike, max_seq_len: int | None = None,
+           force: bool = False, validate: bool = True, progress=lambda stage: None) -> dict[str, Any]:
+    """Export a model with a recipe (name or YAML path) into directory `out`; returns the manifest.
+    Raises QkvxError on bad input and GateFailed (a QkvxError) when validation fails."""
+    from qkvx.export.pipeline import export_model
+
+    return export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
+                        progress=progress)
+
+
+def generate(artifact_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, seed: int = 0, runtime: str | None = None):
+    """Generate text from an export directory with the byte-level tokenizer of qkvx-trained models.
+    Returns (text, Generation)."""
+    from qkvx.export.manifest import read_manifest
+    from qkvx.export.pipeline import BYTE_EOS
+    from qkvx.export.tokenizer import decode, encode
+    from qkvx.harness.generate import generate as run_generate
+    from qkvx.harness.runners import open_runner
+
+    manifest = read_manifest(Path(artifact_dir))
+    if manifest["spec"]["vocab_size"] != 256:
+        raise QkvxError(f"{artifact_dir}: generate needs a byte-level model (vocab 256); this one has "
+                        f"vocab {manifest['spec']['vocab_size']}")
+    runtime = runtime or manifest["artifacts"][0]["format"]
+    runner = open_runner(runtime, artifact_dir)
+    ids = encode(prompt)
+    if not ids:
+        raise QkvxError("empty prompt")
+    if len(ids) >= runner.max_seq_len:
+        raise QkvxError(f"prompt of {len(ids)} tokens does not fit the artifact's max_seq_len {runner.max_seq_len}")
+    g = run_generate(runner, ids, max_new_tokens, temperature, top_k, seed, eos_ids=(BYTE_EOS,))
+    return decode(g.new_ids), g

@@ -1,10 +1,13 @@
 """`qkvx` console script: each command is a thin typer shell over a function in qkvx.api."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -13,12 +16,41 @@ from rich.table import Table
 from qkvx.errors import QkvxError
 
 
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[None]:
+    """ExecuTorch's and torchao's native code log to fd 2 (one line per kernel call, sometimes):
+    keep it off the user's terminal. It is shown if the command crashes; QKVX_DEBUG=1 shows it all."""
+    if os.environ.get("QKVX_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        except (QkvxError, SystemExit, KeyboardInterrupt):
+            ok = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not ok:  # a bug: show the native log's tail before Python prints the traceback
+                log.seek(0)
+                tail = log.read().decode(errors="replace").splitlines()[-40:]
+                print("\n".join(tail), file=sys.stderr)
+
+
 class _App(typer.Typer):
     """Typer app whose user errors are one line on stderr with exit code 2, never a traceback."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            with _native_stderr_captured():
+                return super().__call__(*args, **kwargs)
         except QkvxError as e:
             _fail(str(e))
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
@@ -124,6 +156,55 @@ def train(
     console.print(f"[bold]{r.variant}[/] {r.params:,} params, {r.steps} steps in {r.seconds:.0f} s "
                   f"({r.tokens_per_s:,.0f} tok/s): held-out perplexity [bold]{r.heldout_ppl:.2f}[/] "
                   f"(unigram byte model {r.unigram_ppl:.2f}) -> {r.out}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Paper .pt, Hugging Face folder, or qkvx folder."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (export_recipes/NAME.yaml) or YAML path."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (model + manifest.json)."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Cache length (default: recipe, else model)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check parity vs the eager model."),
+) -> None:
+    """Export a model to an on-device artifact with ONE cache tensor per K=V layer."""
+    from qkvx.api import export as export_model
+    from qkvx.export.pipeline import GateFailed
+
+    with console.status("starting") as status:
+        try:
+            m = export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
+                             progress=lambda stage: status.update(f"[bold]{stage}[/]..."))
+        except GateFailed as e:
+            _fail(str(e), code=1)
+    art = m["artifacts"][0]
+    cache = m["cache"]
+    console.print(f"[bold green]wrote[/] {out}/{art['file']} ({_bytes(art['bytes'])}), {m['variant']}: "
+                  f"{cache['tensors_per_layer']} cache tensor(s) per layer, {cache['bytes_per_token']:,} B/token, "
+                  f"{_bytes(cache['bytes_at_context'])} at {cache['context']} tokens")
+    for name, p in (m["parity"] or {}).items():
+        console.print(f"  parity {name}: max |dlogit| {p['max_abs_dlogit']:.2e} (bound {p['bound']:.2e}), "
+                      f"top-1 {100 * p['top1_agreement']:.1f} % over {p['steps']} steps: "
+                      + ("[green]pass[/]" if p["passed"] else "[red]FAIL[/]"))
+
+
+@app.command()
+def generate(
+    artifact_dir: Path = typer.Argument(..., help="An export directory (with manifest.json)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="Runner name (default: the artifact's format)."),
+) -> None:
+    """Generate text from an exported artifact, printing decode tokens/s."""
+    from qkvx.api import generate as run
+
+    text, g = run(artifact_dir, prompt, max_new_tokens, temperature, top_k, seed, runtime)
+    print(prompt + text)
+    console.print(f"[dim]{len(g.prompt_ids)} prompt tokens in {1000 * g.prefill_s:.1f} ms, "
+                  f"{len(g.new_ids)} new tokens, decode {g.tokens_per_s:.1f} tokens/s[/]", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -1,0 +1,1 @@
+"""Exporters (ExecuTorch .pte, ONNX) and the manifest written beside every artifact."""

@@ -1,0 +1,1 @@
+"""Runtime harness: one runner interface over eager, ExecuTorch and onnxruntime; parity checks."""

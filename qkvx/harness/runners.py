@@ -1,0 +1,126 @@
+"""One runner interface (prefill, decode step, reset) over every runtime, chosen by name.
+
+A runner appends tokens at its current position and returns their logits; prefill chunks a long
+prompt the way the runtime needs. Adding a runtime is one class registered here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from qkvx.errors import QkvxError
+
+RUNNERS: dict[str, Callable[..., "Runner"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        RUNNERS[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+class Runner:
+    """Base: subclasses implement `_forward(tokens [T]) -> logits [T, vocab]` at self.pos."""
+
+    name = "base"
+    max_seq_len: int
+    prefill_chunk: int
+
+    def __init__(self) -> None:
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def prefill(self, tokens: list[int] | Tensor) -> Tensor:
+        """Append a prompt; logits for every prompt token, [T, vocab]."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        self._check_room(len(tokens))
+        out = [self._step(tokens[i:i + self.prefill_chunk]) for i in range(0, len(tokens), self.prefill_chunk)]
+        return torch.cat(out, 0)
+
+    def decode(self, token: int) -> Tensor:
+        """Append one token; its logits [vocab]."""
+        self._check_room(1)
+        return self._step(torch.tensor([int(token)]))[0]
+
+    def _check_room(self, n: int) -> None:
+        if n < 1:
+            raise QkvxError("nothing to run: empty token sequence")
+        if self.pos + n > self.max_seq_len:
+            raise QkvxError(f"context overflow: {self.pos} cached + {n} new tokens exceed the "
+                            f"artifact's max_seq_len {self.max_seq_len}")
+
+    def _step(self, tokens: Tensor) -> Tensor:
+        logits = self._forward(tokens)
+        self.pos += len(tokens)
+        return logits
+
+    def _forward(self, tokens: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@register("eager")
+class EagerRunner(Runner):
+    """The reference: the trained model, full recompute over the whole history at every step."""
+
+    def __init__(self, model: torch.nn.Module, max_seq_len: int | None = None):
+        super().__init__()
+        self.model = model.eval()
+        self.max_seq_len = max_seq_len or model.spec.max_positions
+        self.prefill_chunk = self.max_seq_len
+        self.history = torch.empty(0, dtype=torch.long)
+
+    def reset(self) -> None:
+        super().reset()
+        self.history = torch.empty(0, dtype=torch.long)
+
+    @torch.no_grad()
+    def _forward(self, tokens: Tensor) -> Tensor:
+        self.history = torch.cat([self.history, tokens])
+        return self.model(self.history[None])[0, -len(tokens):].float()
+
+
+@register("pte")
+class PteRunner(Runner):
+    """An exported .pte through ExecuTorch's Python runtime (host CPU, XNNPACK)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        from executorch.runtime import Runtime
+
+        from qkvx.rewrite import load_custom_ops
+
+        load_custom_ops()  # registers llama::update_cache.out / custom_sdpa.out with the runtime
+        path = Path(path)
+        try:
+            self.program = Runtime.get().load_program(path.read_bytes())
+            self.method = self.program.load_method("forward")
+            const = lambda n: self.program.load_method(n).execute([])[0]  # noqa: E731
+            self.prefill_chunk = int(const("get_max_seq_len"))
+            self.max_seq_len = int(const("get_max_context_len"))
+        except (RuntimeError, ValueError) as e:
+            raise QkvxError(f"{path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})") from None
+
+    def _forward(self, tokens: Tensor) -> Tensor:
+        out = self.method.execute([tokens[None], torch.tensor([self.pos], dtype=torch.long)])
+        return out[0][0]
+
+
+def open_runner(name: str, artifact_dir: str | Path | None = None, model=None) -> Runner:
+    """A runner by registry name over an export directory (or, for eager, a model)."""
+    if name not in RUNNERS:
+        raise QkvxError(f"unknown runtime {name!r}; known: {', '.join(RUNNERS)}")
+    if name == "eager":
+        return RUNNERS[name](model)
+    manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())
+    files = {a["format"]: a["file"] for a in manifest["artifacts"]}
+    if name not in files:
+        raise QkvxError(f"{artifact_dir}: no {name} artifact (it holds {', '.join(files) or 'none'})")
+    return RUNNERS[name](Path(artifact_dir) / files[name])

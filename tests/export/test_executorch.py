@@ -1,0 +1,81 @@
+"""ExecuTorch export: parity vs full recompute, one cache buffer per K=V layer, the runner contract."""
+import pytest
+import torch
+
+from qkvx import ModelSpec, cache_layout
+from qkvx.export.executorch import export_pte, read_plan
+from qkvx.harness.parity import check_parity
+from qkvx.harness.runners import PteRunner
+from qkvx.models.transformer import Transformer
+from qkvx.recipes import Gates
+
+DIMS = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, max_positions=128)
+LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_inner=160)
+GPT_VARIANTS = ["QKV", "Q=K-V", "Q-K=V", "Q=K=V", "GQA-2", "MQA", "Q-GQA-2", "Q-MQA"]
+LLAMA_VARIANTS = ["QKV", "Q-K=V", "Q-MQA"]
+PREFILL, STEPS = 16, 64
+
+
+def _model(name, family, seed=0, **over):
+    spec = ModelSpec.from_paper_name(name, **{**DIMS, **(LLAMA if family == "llama" else {}), **over})
+    # std 0.1: logits of a few units, so top-1 is decided by real margins, not by rounding noise
+    return Transformer(spec).init_weights(seed, std=0.1).eval()
+
+
+def _export(tmp_path, model, max_seq_len=96, chunk=32):
+    pte, plan = export_pte(model, max_seq_len, chunk)
+    path = tmp_path / "model.pte"
+    path.write_bytes(pte)
+    return path, plan
+
+
+@pytest.mark.parametrize("family,name", [("gpt", n) for n in GPT_VARIANTS] + [("llama", n) for n in LLAMA_VARIANTS])
+def test_pte_parity_prefill_then_decode(tmp_path, family, name):
+    model = _model(name, family)
+    path, plan = _export(tmp_path, model)
+    tokens = torch.randint(0, DIMS["vocab_size"], (PREFILL + STEPS,), generator=torch.Generator().manual_seed(1))
+    p = check_parity(model, PteRunner(path), tokens, PREFILL, Gates())
+    print(f"{family} {name}: max|dlogit| {p.max_abs_dlogit:.2e} max|logit| {p.max_abs_logit:.2f}")
+    assert p.max_abs_dlogit <= 1e-4 * p.max_abs_logit + 1e-5
+    assert p.top1_agreement == 1.0 and p.steps == 1 + STEPS
+    # one tensor per K=V layer, two otherwise, and bytes exactly as the spec's formula says
+    layout = cache_layout(model.spec, "fp32")
+    assert len(plan.cache_buffers) == DIMS["n_layer"] * (1 if model.spec.kv_shared else 2)
+    assert plan.cache_bytes == layout.bytes_at(96)
+    assert {"llama::custom_sdpa", "llama::update_cache"} <= set(plan.operators)
+
+
+def test_kv_shared_halves_planned_cache_paper_300m_shape(tmp_path):
+    """paper-300m dims (width 1024, 16 heads, 2048 positions; 1 layer and a small vocab keep the
+    test fast: the cache ratio does not depend on them)."""
+    dims = dict(preset="paper-300m", n_layer=1, vocab_size=256)
+    plans = {}
+    for name in ("Q-K=V", "QKV"):
+        model = Transformer(ModelSpec.from_paper_name(name, **dims)).eval()
+        plans[name] = export_pte(model, 2048, 8)[1]
+    kv, qkv = plans["Q-K=V"], plans["QKV"]
+    assert (len(kv.cache_buffers), len(qkv.cache_buffers)) == (1, 2)
+    assert kv.cache_buffers["caches.0.kv"] == [1, 2048, 16, 64]
+    assert kv.cache_bytes / qkv.cache_bytes == 0.5
+    assert qkv.cache_bytes == 2 * 2048 * 1024 * 4
+    assert kv.planned_bytes < qkv.planned_bytes
+
+
+def test_runner_constants_and_overflow(tmp_path):
+    model = _model("Q-K=V", "gpt")
+    path, _ = _export(tmp_path, model, max_seq_len=40, chunk=8)
+    runner = PteRunner(path)
+    assert (runner.max_seq_len, runner.prefill_chunk) == (40, 8)
+    runner.prefill(list(range(39)))  # 5 chunks of <= 8
+    runner.decode(1)
+    from qkvx import QkvxError
+
+    with pytest.raises(QkvxError, match="context overflow"):
+        runner.decode(2)
+
+
+def test_read_plan_rejects_garbage():
+    from qkvx import QkvxError
+
+    with pytest.raises(QkvxError, match="not a readable .pte"):
+        read_plan(b"\x00" * 64)
