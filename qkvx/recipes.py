@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qkvx.config import typed as _typed
 from qkvx.errors import QkvxError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
@@ -61,33 +61,6 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _typed(cls, data: Any, where: str):
-    """Build dataclass `cls` from a mapping, naming the file and key of any unknown key or bad type."""
-    if not isinstance(data, dict):
-        raise QkvxError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise QkvxError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(names))}")
-    values = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _typed(hint, value, f"{where}.{key}")
-            continue
-        allowed = typing.get_args(hint) or (hint,)
-        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        ok = any(value is None if t is type(None) else isinstance(value, t) and not (t is int and isinstance(value, bool))
-                 for t in allowed)
-        if not ok:
-            raise QkvxError(f"{where}: key {key!r} must be {' or '.join(getattr(t, '__name__', str(t)) for t in allowed)}, "
-                            f"got {value!r}")
-        values[key] = value
-    return cls(**values)
 
 
 def load_recipe(name_or_path: str) -> Recipe:
