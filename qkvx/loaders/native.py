@@ -47,7 +47,7 @@ def save(model, directory: str | os.PathLike, extra: dict | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qkvx": "1"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"spec": spec.to_dict(), "variant": spec.paper_name, **(extra or {})}
         (tmp / SPEC_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if out.exists():
