@@ -83,3 +83,44 @@ def generate(artifact_dir: str | os.PathLike, prompt: str, max_new_tokens: int =
         raise QkvxError(f"prompt of {len(ids)} tokens does not fit the artifact's max_seq_len {runner.max_seq_len}")
     g = run_generate(runner, ids, max_new_tokens, temperature, top_k, seed, eos_ids=(BYTE_EOS,))
     return decode(g.new_ids), g
+
+
+def budget(model: str | os.PathLike | None = None, preset: str | None = None, variant: str | None = None,
+           devices: list[str] | None = None, contexts: list[int] | None = None, weights: str | None = None,
+           cache_dtype: str | None = None, compare: bool = False, backend: str | None = None):
+    """Memory-budget rows (qkvx.budget.BudgetRow) for a model (checkpoint or export directory) or a
+    preset + variant, on the named devices (default: all) at the given contexts."""
+    from qkvx import budget as b
+    from qkvx.devices import list_devices, load_device
+
+    artifact_bytes = plan = None
+    chunk = 64
+    if model is not None:
+        path = Path(model)
+        if (path / "manifest.json").is_file():  # an export: real artifact size and memory plan
+            from qkvx.export.manifest import read_manifest
+
+            m = read_manifest(path)
+            spec = ModelSpec.from_dict(m["spec"], source=str(path / "manifest.json"))
+            backend = backend or m["artifacts"][0]["format"]
+            cache_dtype = cache_dtype or m["recipe"]["kv_cache"]
+            artifact_bytes = sum(a["bytes"] for a in m["artifacts"])
+            chunk = m["export"].get("prefill_chunk", chunk)
+            if "planned_bytes" in m["export"]:
+                plan = {"context": m["max_seq_len"], "planned_bytes": m["export"]["planned_bytes"],
+                        "cache_bytes": m["cache"]["program_cache_bytes"]}
+        else:
+            from qkvx.loaders import read_checkpoint
+
+            spec = read_checkpoint(path).spec
+    elif variant is not None:
+        spec = ModelSpec.from_paper_name(variant, preset=preset or "paper-300m")
+    else:
+        raise QkvxError("budget needs a model path, or --preset with --variant")
+    specs = b.compare_specs(spec) if compare else [spec]
+    if compare:
+        artifact_bytes = plan = None  # an artifact describes one variant only
+    devs = [load_device(d) for d in devices] if devices else [d for d in list_devices() if d.kind != "host"]
+    ctx = contexts or [spec.max_positions]
+    return b.report(specs, devs, ctx, weights or "fp32", cache_dtype or "fp32", backend or "pte", chunk,
+                    artifact_bytes, plan)

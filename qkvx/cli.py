@@ -130,20 +130,31 @@ def inspect(
     console.print(t)
 
 
+def _train_default(name: str) -> Any:
+    """The trainer's own default, so `qkvx train --help` never drifts from qkvx.train.train."""
+    import inspect as _inspect
+
+    from qkvx.train import train as train_model
+
+    return _inspect.signature(train_model).parameters[name].default
+
+
 @app.command()
 def train(
     variant: str = typer.Option("Q-K=V", "--variant", help="Paper variant: QKV, Q=K-V, Q-K=V, Q=K=V, GQA-g, MQA, Q-GQA-g, Q-MQA."),
     family: str = typer.Option("gpt", help="gpt (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)."),
-    layers: int = typer.Option(4, "--layers", help="Transformer layers."),
-    width: int = typer.Option(256, "--width", help="Model width (n_embd)."),
-    heads: int = typer.Option(8, "--heads", help="Query heads."),
+    layers: int = typer.Option(_train_default("n_layer"), "--layers", help="Transformer layers."),
+    width: int = typer.Option(_train_default("n_embd"), "--width", help="Model width (n_embd)."),
+    heads: int = typer.Option(_train_default("n_head"), "--heads", help="Query heads."),
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="KV heads for a bare GQA / Q-GQA name."),
-    steps: int = typer.Option(600, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    seq_len: int = typer.Option(128, "--seq-len", help="Training window length."),
-    max_positions: int = typer.Option(2048, "--max-positions", help="Positions the model supports (>= seq-len)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (warmup, then cosine decay)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same arguments: bitwise-identical weights."),
+    steps: int = typer.Option(_train_default("steps"), "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(_train_default("batch_size"), "--batch-size"),
+    seq_len: int = typer.Option(_train_default("seq_len"), "--seq-len", help="Training window length."),
+    max_positions: int = typer.Option(_train_default("max_positions"), "--max-positions", help="Positions the model supports (>= seq-len)."),
+    lr: float = typer.Option(_train_default("lr"), "--lr", help="Peak learning rate (warmup, then cosine decay)."),
+    warmup: int = typer.Option(_train_default("warmup"), "--warmup", help="Warmup steps."),
+    threads: int = typer.Option(_train_default("threads"), "--threads", help="CPU threads (1 is fastest on a busy 2-core machine)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same arguments, same threads: bitwise-identical weights."),
     out: Path = typer.Option(..., "--out", help="Output folder (native format: model.safetensors + qkvx.json)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -152,7 +163,7 @@ def train(
 
     r = train_model(variant, family=family, n_layer=layers, n_embd=width, n_head=heads, kv_heads=kv_heads,
                     steps=steps, batch_size=batch_size, seq_len=seq_len, max_positions=max_positions,
-                    lr=lr, seed=seed, out=out, quiet=quiet)
+                    lr=lr, warmup=warmup, threads=threads, seed=seed, out=out, quiet=quiet)
     console.print(f"[bold]{r.variant}[/] {r.params:,} params, {r.steps} steps in {r.seconds:.0f} s "
                   f"({r.tokens_per_s:,.0f} tok/s): held-out perplexity [bold]{r.heldout_ppl:.2f}[/] "
                   f"(unigram byte model {r.unigram_ppl:.2f}) -> {r.out}")
@@ -205,6 +216,101 @@ def generate(
     print(prompt + text)
     console.print(f"[dim]{len(g.prompt_ids)} prompt tokens in {1000 * g.prefill_s:.1f} ms, "
                   f"{len(g.new_ids)} new tokens, decode {g.tokens_per_s:.1f} tokens/s[/]", highlight=False)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench_out"), "--out", help="Directory for models, exports and the report."),
+    contexts: str = typer.Option("256,1024,2048", "--contexts", help="Comma-separated decode contexts."),
+    repeats: int = typer.Option(5, "--repeats", help="Fresh processes per configuration."),
+    steps: int = typer.Option(24, "--steps", help="Timed decode steps per process."),
+) -> None:
+    """Benchmark decode ms/token: K=V vs QKV, .pte vs eager, in fresh interleaved processes."""
+    from qkvx.bench import run_bench, to_markdown
+
+    ctx = tuple(int(c) for c in contexts.split(","))
+    if min(ctx) <= steps:
+        raise QkvxError(f"--contexts must all exceed --steps ({steps}), got {contexts}")
+    result = run_bench(out, ctx, repeats, steps, progress=lambda s: console.print(s, highlight=False))
+    print(to_markdown(result))
+    console.print(f"[dim]wrote {out}/bench.md and {out}/bench.json[/]")
+
+
+@app.command()
+def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the device profiles (devices/*.toml; host is measured now)."""
+    from qkvx.devices import list_devices
+
+    profiles = list_devices()
+    if as_json:
+        _print_json([p.to_dict() for p in profiles])
+        return
+    t = Table(title="device profiles")
+    for col in ("name", "device", "kind", "cores", "RAM", "app budget", "bandwidth", "qemu cpu"):
+        t.add_column(col)
+    for p in profiles:
+        t.add_row(p.name, p.device, p.kind, f"{p.cpu_cores}", _bytes(p.ram_bytes), _bytes(p.app_budget_bytes),
+                  f"{p.bandwidth_gb_s:.1f} GB/s ({p.mem_bandwidth_kind})", p.qemu_cpu or "-")
+    console.print(t)
+
+
+def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise QkvxError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise QkvxError(f"{what}: must be >= 1, got {text!r}")
+    return values
+
+
+@app.command()
+def budget(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint or export directory (optional with --preset)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="paper-300m | paper-1.2b (with --variant)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Paper variant name, e.g. Q-K=V."),
+    device: Optional[list[str]] = typer.Option(None, "--device", "-d", help="Device profile (repeatable; default all)."),
+    context: Optional[str] = typer.Option(None, "--context", "-c", help="Comma-separated contexts (default: max positions)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="fp32 | fp16 | int8 | int4 (default fp32)."),
+    cache_dtype: Optional[str] = typer.Option(None, "--cache-dtype", help="fp32 | fp16 | bf16 | int8."),
+    compare: bool = typer.Option(False, "--compare", help="Side by side: QKV, Q-K=V, GQA-4, MQA, Q-GQA-4, Q-MQA."),
+    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write memory vs context PNG here."),
+) -> None:
+    """Memory budget per device: weights + KV cache + activations + runtime vs the app budget."""
+    from qkvx import api
+    from qkvx.budget_report import markdown_table, plot_png
+
+    if preset is not None and variant is None and not compare:
+        raise QkvxError("--preset needs --variant (or --compare)")
+    rows = api.budget(model, preset, variant or ("QKV" if preset and compare else None), device,
+                      _int_list(context, "--context"), weights, cache_dtype, compare)
+    if plot:  # the curves need many contexts, not only the ones asked for
+        top = max([*(_int_list(context, "--context") or []), 4096,
+                   min(2 * max(r.max_context_memory for r in rows), 2**22)])
+        grid = [2**k for k in range(7, 25) if 2**k <= top]
+        plot_png(api.budget(model, preset, variant or ("QKV" if preset and compare else None), device, grid,
+                            weights, cache_dtype, compare), plot)
+    if as_json:
+        _print_json([r.to_dict() for r in rows])
+    elif markdown:
+        print(markdown_table(rows))
+    else:
+        t = Table(title="memory budget")
+        for col in ("variant", "device", "context", "weights", "KV cache", "activations", "total", "budget",
+                    "fits", "max context", "decode ceiling"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r.variant, r.device, f"{r.context:,}", _bytes(r.weights_bytes), _bytes(r.kv_cache_bytes),
+                      _bytes(r.activation_bytes), _bytes(r.total_bytes), _bytes(r.budget_bytes),
+                      "[green]yes[/]" if r.fits else "[red]no[/]", f"{r.max_context:,}",
+                      f"{r.decode_tokens_per_s_ceiling:,.1f} tok/s")
+        console.print(t)
+    if plot:
+        console.print(f"[dim]wrote {plot}[/]")
 
 
 def main() -> None:  # pragma: no cover - console-script entry

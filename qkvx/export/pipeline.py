@@ -61,6 +61,7 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
     with mf.atomic_output_dir(out, force) as tmp:
         progress(f"export {recipe.format} ({recipe.backend}, max_seq_len {seq})")
         artifact, extra = _lower(model, recipe, seq, tmp)
+        data_files = extra.pop("data_files", [])  # ONNX external data beside the graph
         _write_tokenizer(model, Path(model_path), tmp)
         export_s = time.perf_counter() - t0
         parity = None
@@ -76,7 +77,7 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
             "spec": spec.to_dict(),
             "recipe": recipe.to_dict(),
             "max_seq_len": seq,
-            "artifacts": [mf.artifact_entry(tmp, artifact, recipe.format)],
+            "artifacts": [_artifact(tmp, artifact, recipe.format, data_files)],
             "cache": {**layout.to_dict(context=seq), **extra.get("cache", {})},
             "parity": parity,
             "export": {"seconds": round(export_s, 2), "torch": torch.__version__, "host": platform.machine(),
@@ -102,7 +103,21 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path) -> tuple[str, dict]:
         return "model.pte", {"cache": {"program_cache_buffers": plan.cache_buffers,
                                        "program_cache_bytes": plan.cache_bytes},
                              "planned_bytes": plan.planned_bytes, "prefill_chunk": min(recipe.prefill_chunk, seq)}
+    if recipe.format == "onnx":
+        from qkvx.export.onnx import export_onnx
+
+        files, graph = export_onnx(model, tmp, seq)
+        return files[0], {"cache": {"graph_cache_inputs": graph.to_dict()["cache_inputs"],
+                                    "graph_cache_bytes_per_token": graph.cache_bytes_per_token()},
+                          "weight_matmuls": graph.weight_matmuls, "data_files": files[1:]}
     raise QkvxError(f"recipe {recipe.name!r}: format {recipe.format!r} has no exporter yet")
+
+
+def _artifact(tmp: Path, name: str, fmt: str, data_files: list[str]) -> dict[str, Any]:
+    entry = mf.artifact_entry(tmp, name, fmt)
+    if data_files:  # part of the one model (ONNX weights beside the graph), listed in its entry
+        entry["data"] = [mf.artifact_entry(tmp, f, f"{fmt}-data") for f in data_files]
+    return entry
 
 
 def _write_tokenizer(model, source: Path, tmp: Path) -> None:
@@ -118,9 +133,9 @@ def _write_tokenizer(model, source: Path, tmp: Path) -> None:
 
 def _validate(model, recipe: Recipe, artifact: Path) -> dict[str, dict]:
     from qkvx.harness.parity import check_parity
-    from qkvx.harness.runners import RUNNERS
+    from qkvx.harness.runners import get_runner
 
-    runner = RUNNERS[recipe.format](artifact)
+    runner = get_runner(recipe.format)(artifact)
     n = min(PARITY_PREFILL + PARITY_STEPS, runner.max_seq_len)
     tokens = validation_tokens(model, n)
     result = check_parity(model, runner, tokens, min(PARITY_PREFILL, n - 1), recipe.gates)

@@ -5,7 +5,6 @@ prompt the way the runtime needs. Adding a runtime is one class registered here.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor
 
 from qkvx.errors import QkvxError
+from qkvx.export.manifest import read_manifest
 
 RUNNERS: dict[str, Callable[..., "Runner"]] = {}
 
@@ -87,40 +87,48 @@ class EagerRunner(Runner):
         return self.model(self.history[None])[0, -len(tokens):].float()
 
 
-@register("pte")
-class PteRunner(Runner):
-    """An exported .pte through ExecuTorch's Python runtime (host CPU, XNNPACK)."""
+@register("eager-kv")
+class EagerKVRunner(Runner):
+    """The trained model in eager PyTorch with the decode-form static cache (what gets exported)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, model: torch.nn.Module, max_seq_len: int | None = None):
         super().__init__()
-        from executorch.runtime import Runtime
+        from qkvx.rewrite import DecodeModel
 
-        from qkvx.rewrite import load_custom_ops
+        self.max_seq_len = max_seq_len or model.spec.max_positions
+        self.prefill_chunk = self.max_seq_len
+        self.decode_model = DecodeModel(model.eval(), self.max_seq_len).eval()
 
-        load_custom_ops()  # registers llama::update_cache.out / custom_sdpa.out with the runtime
-        path = Path(path)
-        try:
-            self.program = Runtime.get().load_program(path.read_bytes())
-            self.method = self.program.load_method("forward")
-            const = lambda n: self.program.load_method(n).execute([])[0]  # noqa: E731
-            self.prefill_chunk = int(const("get_max_seq_len"))
-            self.max_seq_len = int(const("get_max_context_len"))
-        except (RuntimeError, ValueError) as e:
-            raise QkvxError(f"{path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})") from None
-
+    @torch.no_grad()
     def _forward(self, tokens: Tensor) -> Tensor:
-        out = self.method.execute([tokens[None], torch.tensor([self.pos], dtype=torch.long)])
-        return out[0][0]
+        return self.decode_model(tokens[None], torch.tensor([self.pos]))[0]
+
+
+# Modules that register runners for artifacts; imported on first use (each pulls in its runtime).
+RUNNER_MODULES = ("qkvx.harness.pte", "qkvx.harness.ort")
+
+
+def _import_runners() -> None:
+    import importlib
+
+    for module in RUNNER_MODULES:
+        importlib.import_module(module)
+
+
+def get_runner(name: str) -> Callable[..., "Runner"]:
+    _import_runners()
+    if name not in RUNNERS:
+        raise QkvxError(f"unknown runtime {name!r}; known: {', '.join(RUNNERS)}")
+    return RUNNERS[name]
 
 
 def open_runner(name: str, artifact_dir: str | Path | None = None, model=None) -> Runner:
     """A runner by registry name over an export directory (or, for eager, a model)."""
-    if name not in RUNNERS:
-        raise QkvxError(f"unknown runtime {name!r}; known: {', '.join(RUNNERS)}")
-    if name == "eager":
-        return RUNNERS[name](model)
-    manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())
+    cls = get_runner(name)
+    if name.startswith("eager"):
+        return cls(model)
+    manifest = read_manifest(Path(artifact_dir))
     files = {a["format"]: a["file"] for a in manifest["artifacts"]}
     if name not in files:
         raise QkvxError(f"{artifact_dir}: no {name} artifact (it holds {', '.join(files) or 'none'})")
-    return RUNNERS[name](Path(artifact_dir) / files[name])
+    return cls(Path(artifact_dir) / files[name])

@@ -5,7 +5,7 @@ import torch
 from qkvx import ModelSpec, cache_layout
 from qkvx.export.executorch import export_pte, read_plan
 from qkvx.harness.parity import check_parity
-from qkvx.harness.runners import PteRunner
+from qkvx.harness.pte import PteRunner
 from qkvx.models.transformer import Transformer
 from qkvx.recipes import Gates
 

@@ -1,0 +1,255 @@
+"""ONNX export: OnnxDecodeModel through torch.onnx (dynamo) -> model.onnx [+ model.onnx.data].
+
+The graph follows DESIGN.md 4 and the optimum naming: inputs input_ids, attention_mask, position_ids
+and per layer past_key_values.{i}.kv (k = v: ONE tensor) or .key / .value; outputs logits and
+present.{i}.*. Batch, sequence and past length are dynamic, and past length 0 is the prefill, so
+one graph serves prefill and decode. After saving, the graph is read back and checked: exactly the
+cache inputs and outputs the spec's cache layout says, with its kv heads and head dim.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import qkvx
+from qkvx.errors import QkvxError
+from qkvx.models.transformer import Transformer
+from qkvx.rewrite import OnnxDecodeModel, cache_io_names
+from qkvx.spec import ModelSpec, cache_layout
+
+ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+# Dimension names as optimum writes them, so tools that read optimum graphs read ours.
+BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = f"{PAST} + {SEQ}"
+# Weights go to external data above this: one protobuf file cannot exceed 2 GiB.
+EXTERNAL_DATA_BYTES = 1_500_000_000
+_DEDUP_MAX_BYTES = 1 << 24
+_ELEM_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int64": 8}
+
+
+@dataclass
+class OnnxGraph:
+    """What a saved graph declares: inputs / outputs (name -> (dtype, shape with symbolic dims as
+    names)), metadata_props and node counts. Read without loading the weights."""
+
+    inputs: dict[str, tuple[str, list[int | str]]]
+    outputs: dict[str, tuple[str, list[int | str]]]
+    metadata: dict[str, str]
+    op_counts: dict[str, int] = field(default_factory=dict)
+    weight_matmuls: int = 0  # MatMul / Gemm nodes with a weight (initializer) operand
+
+    @property
+    def cache_inputs(self) -> dict[str, tuple[str, list[int | str]]]:
+        return {n: v for n, v in self.inputs.items() if n.startswith("past_key_values.")}
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes one token adds to the cache: per cache input, the static dims (kv heads x head dim)
+        times the element size; the symbolic batch and past dims are excluded."""
+        return sum(math.prod(d for d in shape if isinstance(d, int)) * _ELEM_BYTES[dtype]
+                   for dtype, shape in self.cache_inputs.values())
+
+    def to_dict(self) -> dict:
+        return {"cache_inputs": {n: shape for n, (_, shape) in self.cache_inputs.items()},
+                "cache_bytes_per_token": self.cache_bytes_per_token(), "weight_matmuls": self.weight_matmuls}
+
+
+def read_graph(path: str | Path) -> OnnxGraph:
+    """Read a saved model's interface and node counts (external data is not loaded)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others on a corrupt file
+        raise QkvxError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+
+    def io(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            out[v.name] = (str(tensor_dtype_to_np_dtype(t.elem_type)),
+                           [d.dim_param or d.dim_value for d in t.shape.dim])
+        return out
+
+    # Weights: initializers and what nodes compute from them alone (a tied lm_head's Transpose).
+    weights = {init.name for init in proto.graph.initializer}
+    for n in proto.graph.node:  # nodes are topologically sorted
+        if n.op_type == "Constant" or (n.input and all(i in weights for i in n.input)):
+            weights.update(n.output)
+    matmuls = sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input))
+    return OnnxGraph(inputs=io(proto.graph.input), outputs=io(proto.graph.output),
+                     metadata={p.key: p.value for p in proto.metadata_props},
+                     op_counts=dict(Counter(n.op_type for n in proto.graph.node)), weight_matmuls=matmuls)
+
+
+def check_graph(graph: OnnxGraph, spec: ModelSpec) -> None:
+    """Fail the export unless the graph has exactly the contract's inputs and outputs, one cache
+    tensor per K=V layer (two otherwise), each [batch, kv_heads, past, head_dim] fp32."""
+    layout = cache_layout(spec, "fp32")
+    past, present = cache_io_names(layout)
+    want_in, want_out = ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    if list(graph.inputs) != want_in or list(graph.outputs) != want_out:
+        raise QkvxError(f"export check: graph inputs {list(graph.inputs)} / outputs {list(graph.outputs)} "
+                        f"are not the contract's {want_in} / {want_out}")
+    for name, (dtype, shape) in {**graph.cache_inputs, **{n: graph.outputs[n] for n in present}}.items():
+        if dtype != "float32" or len(shape) != 4 or shape[1] != layout.kv_heads or shape[3] != layout.head_dim:
+            raise QkvxError(f"export check: {name} is {dtype} {shape}; the {spec.paper_name} spec says float32 "
+                            f"[batch, {layout.kv_heads}, seq, {layout.head_dim}]")
+    if graph.cache_bytes_per_token() != layout.bytes_per_token:
+        raise QkvxError(f"export check: the graph's cache holds {graph.cache_bytes_per_token()} bytes per "
+                        f"token; the spec says {layout.bytes_per_token}")
+
+
+def onnx_metadata(spec: ModelSpec, max_seq_len: int) -> dict[str, str]:
+    """metadata_props (DESIGN.md 4), plus the context length the export was made for."""
+    return {"qkvx.spec": spec.to_json(), "qkvx.cache": json.dumps(cache_layout(spec, "fp32").to_dict()),
+            "qkvx.version": qkvx.__version__, "qkvx.max_seq_len": str(max_seq_len)}
+
+
+def _example(decode: OnnxDecodeModel):
+    """Example inputs and dynamic shapes. Sizes 2, 3 and 4: torch.export specializes a dim whose
+    example is 0 or 1, and distinct sizes keep batch, sequence and past from being unified."""
+    spec, layout = decode.spec, decode.layout
+    B, T, P = 2, 3, 4
+    past = tuple(torch.zeros(B, spec.n_kv_head, P, spec.head_dim)
+                 for _ in range(spec.n_layer * layout.tensors_per_layer))
+    args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),
+            (torch.arange(P, P + T) % spec.max_positions).expand(B, T).contiguous(), *past)
+    shapes = ({0: BATCH, 1: SEQ}, {0: BATCH, 1: TOTAL}, {0: BATCH, 1: SEQ},
+              tuple({0: BATCH, 2: PAST} for _ in past))  # *past is one tuple argument to torch.export
+    return args, shapes
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per torchvision op it skips and warns about dim names shared
+    across inputs: noise for the user, whose export either works or raises."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _tidy(model) -> None:
+    """Drop what the exporter leaves that no runtime reads: per-node metadata (stack traces with
+    absolute source paths, so another checkout would write other bytes) and copies of constants
+    (the RoPE tables are folded once per use), then merge the nodes that became identical."""
+    import hashlib
+
+    from onnx_ir.passes import common
+
+    common.ClearMetadataAndDocStringPass()(model)
+    # onnx_ir's DeduplicateHashedInitializersPass needs C-contiguous arrays; the exporter's
+    # tensors are torch views (a tied lm_head transposed), so hash their bytes here. Only small
+    # tensors: the copies are tables and vectors, and hashing gigabytes of weights buys nothing.
+    graph, seen = model.graph, {}
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor.nbytes > _DEDUP_MAX_BYTES:
+            continue
+        key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(tensor.tobytes()).hexdigest())
+        if key in seen:
+            value.replace_all_uses_with(seen[key])
+            graph.initializers.pop(value.name)
+        else:
+            seen[key] = value
+    common.CommonSubexpressionEliminationPass()(model)
+    _fold_transposes(model.graph)
+    common.RemoveUnusedNodesPass()(model)
+
+
+def _fold_transposes(graph) -> None:
+    """Transpose(Transpose(x)) -> x, or one Transpose. The attention protocol hands the cache over
+    as [B, S, G, D] and attention reads it as [B, G, S, D]: without this the file holds two copies
+    of every cache tensor per step, and only runtimes that fold transposes themselves skip them.
+    (onnxscript's TransposeTranspose rule leaves them: the inner output has several users.)"""
+    import onnx_ir as ir
+
+    for node in list(graph):  # topological order: an inner Transpose is already folded
+        inner = node.inputs[0].producer() if node.op_type == "Transpose" and node.inputs else None
+        if inner is None or inner.op_type != "Transpose" or "perm" not in node.attributes \
+                or "perm" not in inner.attributes or node.domain or inner.domain:
+            continue
+        first, second = inner.attributes["perm"].as_ints(), node.attributes["perm"].as_ints()
+        perm = [first[i] for i in second]  # out axis i = x axis first[second[i]]
+        if perm == sorted(perm) and not node.outputs[0].is_graph_output():
+            node.outputs[0].replace_all_uses_with(inner.inputs[0])
+        else:
+            node.replace_input_with(0, inner.inputs[0])
+            node.attributes["perm"] = ir.AttrInt64s("perm", perm)
+
+
+def _fused_attention_translation() -> dict:
+    """qkvx::grouped_attention -> com.microsoft MultiHeadAttention (onnxruntime's fused kernel),
+    num_heads = kv heads, key and value in the cache layout [B, G, S, D]: a K=V layer passes its
+    ONE cache tensor as both. onnx has no schema for the contrib op; declare the inputs used."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    P, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MultiHeadAttention", "com.microsoft", 1,
+        inputs=[P("query", "T"), P("key", "T", param_option=optional), P("value", "T", param_option=optional),
+                P("bias", "T", param_option=optional), P("key_padding_mask", "M", param_option=optional),
+                P("attention_bias", "T", param_option=optional)],
+        outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
+    mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
+
+    def translate(query, key, value, bias, scale: float):
+        return mha(query, key, value, None, None, bias, num_heads=key.shape[1], scale=scale)
+
+    return {torch.ops.qkvx.grouped_attention.default: translate}
+
+
+def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None = None,
+                external_data: bool | None = None, fused_attention: bool = False) -> tuple[list[str], OnnxGraph]:
+    """Export `model` to out_dir/model.onnx (weights in model.onnx.data when external_data, by
+    default when they exceed EXTERNAL_DATA_BYTES). fused_attention: attention as onnxruntime's
+    contrib MultiHeadAttention (faster decode; the graph then needs onnxruntime). Returns the files
+    written and the checked graph."""
+    import onnx
+    import onnx_ir as ir
+
+    spec = model.spec
+    max_seq_len = max_seq_len or spec.max_positions
+    if not 1 <= max_seq_len <= spec.max_positions:
+        raise QkvxError(f"max_seq_len {max_seq_len} must be between 1 and the model's max_positions "
+                        f"({spec.max_positions})")
+    decode = OnnxDecodeModel(model.eval(), fused_attention).eval()
+    args, shapes = _example(decode)
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(decode, args, dynamo=True, input_names=decode.input_names,
+                                    output_names=decode.output_names, dynamic_shapes=shapes, verbose=False,
+                                    custom_translation_table=_fused_attention_translation() if fused_attention else None)
+    _tidy(program.model)
+    graph = program.model.graph
+    for value in list(graph.outputs)[1:]:  # presents: name the exporter's "past + seq" sum once
+        value.shape = ir.Shape([BATCH, spec.n_kv_head, TOTAL, spec.head_dim])
+    program.model.metadata_props.update(onnx_metadata(spec, max_seq_len))
+    if external_data is None:
+        external_data = sum(v.const_value.nbytes for v in graph.initializers.values()) > EXTERNAL_DATA_BYTES
+    out_dir = Path(out_dir)
+    ir.save(program.model, out_dir / ONNX_FILE, external_data=DATA_FILE if external_data else None)
+    try:
+        onnx.checker.check_model(str(out_dir / ONNX_FILE))  # by path: follows external data
+    except onnx.checker.ValidationError as e:
+        raise QkvxError(f"export check: onnx.checker rejects the graph ({str(e).splitlines()[0]})") from None
+    checked = read_graph(out_dir / ONNX_FILE)
+    check_graph(checked, spec)
+    return [ONNX_FILE] + ([DATA_FILE] if external_data else []), checked

@@ -1,0 +1,56 @@
+"""onnxruntime runner: an exported model.onnx (DESIGN.md 4) on the host CPU, batch 1.
+
+The feeds and the past -> present hand-over are ort_feed.OrtStepper's, the same code the arm64
+emulator driver runs: one tensor per K=V layer is carried from call to call.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qkvx.errors import QkvxError
+from qkvx.harness.ort_feed import OrtStepper
+from qkvx.harness.runners import Runner, register
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session over `path`; a file it cannot load is one QkvxError line."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own pybind exception types
+        raise QkvxError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0]})") from None
+
+
+@register("onnx")
+class OrtRunner(Runner):
+    """model.onnx through onnxruntime: prefill and decode are the same graph (past length 0 or not).
+
+    Plain session.run: IO binding (presents kept as OrtValues, bound as the next past) measured no
+    faster here, since run() hands the outputs to numpy without copying the cache."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        self.session = ort_session(path, threads)
+        if "qkvx.spec" not in self.session.get_modelmeta().custom_metadata_map:
+            raise QkvxError(f"{path}: not a qkvx ONNX export (no qkvx.spec in its metadata_props)")
+        try:
+            self.stepper = OrtStepper(self.session)
+        except ValueError as e:
+            raise QkvxError(f"{path}: {e}") from None
+        self.max_seq_len = self.stepper.max_seq_len
+        self.prefill_chunk = self.max_seq_len  # any past length: one call takes the whole prompt
+
+    def reset(self) -> None:
+        super().reset()
+        self.stepper.reset()
+
+    def _forward(self, tokens: Tensor) -> Tensor:
+        return torch.from_numpy(self.stepper.step(tokens.numpy()))

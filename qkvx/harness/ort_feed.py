@@ -1,0 +1,93 @@
+"""Feeds for a qkvx model.onnx (DESIGN.md 4), batch 1, in numpy only.
+
+Shared by the host onnxruntime runner and the arm64 driver that runs inside the emulator, where
+there is no torch and no qkvx package: this module imports nothing but json and numpy, so both
+sides build byte-identical feeds and advance the cache the same way.
+
+Graph contract: inputs input_ids [1, T], attention_mask ones [1, past + T], position_ids
+[1, T] = past .. past + T - 1, and past_key_values.{i}.kv (K=V: one tensor) or .key / .value
+[1, kv_heads, past, head_dim]; outputs logits [1, T, vocab] then present.* in the order of the
+past inputs. Past length 0 is the prefill, so one graph serves prefill and decode.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+PAST_PREFIX = "past_key_values."
+# onnxruntime reports element types as strings; the cache is float in every qkvx recipe.
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def past_shapes(session) -> dict[str, tuple[tuple[int, int], type]]:
+    """Per past input: ((kv_heads, head_dim), dtype). The graph declares both dims as constants;
+    when a graph leaves one symbolic, the qkvx.spec metadata fills it in."""
+    meta = session.get_modelmeta().custom_metadata_map
+    spec = json.loads(meta["qkvx.spec"]) if "qkvx.spec" in meta else {}
+    if spec and not spec.get("head_dim"):
+        spec["head_dim"] = spec["n_embd"] // spec["n_head"]
+    if spec and not spec.get("n_kv_head"):
+        spec["n_kv_head"] = spec["n_head"]
+    out = {}
+    for i in session.get_inputs():
+        if not i.name.startswith(PAST_PREFIX):
+            continue
+        _, heads, _, dim = i.shape
+        heads = heads if isinstance(heads, int) else spec.get("n_kv_head")
+        dim = dim if isinstance(dim, int) else spec.get("head_dim")
+        if heads is None or dim is None:
+            raise ValueError(f"{i.name}: symbolic kv heads / head dim and no qkvx.spec metadata to fill them")
+        out[i.name] = ((int(heads), int(dim)), _ORT_DTYPES.get(i.type, np.float32))
+    return out
+
+
+def max_seq_len(session) -> int | None:
+    """The context the artifact was exported for: qkvx.max_seq_len, else the spec's max_positions."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if "qkvx.max_seq_len" in meta:
+        return int(meta["qkvx.max_seq_len"])
+    if "qkvx.spec" in meta:
+        return int(json.loads(meta["qkvx.spec"])["max_positions"])
+    return None
+
+
+def build_feed(tokens: np.ndarray, pos: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs of one call appending `tokens` [T] after `pos` cached positions."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    T = len(tokens)
+    return {"input_ids": tokens[None],
+            "attention_mask": np.ones((1, pos + T), np.int64),
+            "position_ids": np.arange(pos, pos + T, dtype=np.int64)[None], **past}
+
+
+class OrtStepper:
+    """Batch-1 incremental decoding over an onnxruntime session: each step's present tensors are
+    the next step's past. `step(tokens [T]) -> logits [T, vocab]` (a view of ORT's output)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.shapes = past_shapes(session)
+        self.past_names = list(self.shapes)  # graph order = the order of the present outputs
+        self.output_names = [o.name for o in session.get_outputs()]
+        if len(self.output_names) != 1 + len(self.past_names):
+            raise ValueError(f"{len(self.output_names)} outputs for {len(self.past_names)} past inputs: "
+                             "expected logits plus one present per past")
+        self.max_seq_len = max_seq_len(session)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.past = {n: np.zeros((1, h, 0, d), dt) for n, ((h, d), dt) in self.shapes.items()}
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise ValueError("nothing to run: empty token sequence")
+        if self.max_seq_len is not None and self.pos + len(tokens) > self.max_seq_len:
+            raise ValueError(f"context overflow: {self.pos} cached + {len(tokens)} new tokens exceed "
+                             f"max_seq_len {self.max_seq_len}")
+        logits, *present = self.session.run(self.output_names, build_feed(tokens, self.pos, self.past))
+        self.past = dict(zip(self.past_names, present, strict=True))
+        self.pos += len(tokens)
+        return logits[0]

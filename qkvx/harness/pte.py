@@ -1,0 +1,36 @@
+"""ExecuTorch runner: an exported .pte through executorch.runtime on the host CPU (XNNPACK)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qkvx.errors import QkvxError
+from qkvx.harness.runners import Runner, register
+
+
+@register("pte")
+class PteRunner(Runner):
+    """An exported .pte through ExecuTorch's Python runtime (host CPU, XNNPACK)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        from executorch.runtime import Runtime
+
+        from qkvx.rewrite import load_custom_ops
+
+        load_custom_ops()  # registers llama::update_cache.out / custom_sdpa.out with the runtime
+        path = Path(path)
+        try:
+            self.program = Runtime.get().load_program(path.read_bytes())
+            self.method = self.program.load_method("forward")
+            const = lambda n: self.program.load_method(n).execute([])[0]  # noqa: E731
+            self.prefill_chunk = int(const("get_max_seq_len"))
+            self.max_seq_len = int(const("get_max_context_len"))
+        except (RuntimeError, ValueError) as e:
+            raise QkvxError(f"{path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})") from None
+
+    def _forward(self, tokens: Tensor) -> Tensor:
+        out = self.method.execute([tokens[None], torch.tensor([self.pos], dtype=torch.long)])
+        return out[0][0]
