@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qkvx.errors import QkvxError
+from qkvx.errors import GateFailed, QkvxError
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ class _App(typer.Typer):
             with _native_stderr_captured():
                 return super().__call__(*args, **kwargs)
         except QkvxError as e:
-            _fail(str(e))
+            _fail(str(e), code=getattr(e, "exit_code", 2))
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
         except KeyboardInterrupt:
@@ -180,23 +180,21 @@ def export(
 ) -> None:
     """Export a model to an on-device artifact with ONE cache tensor per K=V layer."""
     from qkvx.api import export as export_model
-    from qkvx.export.pipeline import GateFailed
 
     with console.status("starting") as status:
-        try:
-            m = export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
-                             progress=lambda stage: status.update(f"[bold]{stage}[/]..."))
-        except GateFailed as e:
-            _fail(str(e), code=1)
+        m = export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
+                         progress=lambda stage: status.update(f"[bold]{stage}[/]..."))
     art = m["artifacts"][0]
     cache = m["cache"]
     console.print(f"[bold green]wrote[/] {out}/{art['file']} ({_bytes(art['bytes'])}), {m['variant']}: "
                   f"{cache['tensors_per_layer']} cache tensor(s) per layer, {cache['bytes_per_token']:,} B/token, "
                   f"{_bytes(cache['bytes_at_context'])} at {cache['context']} tokens")
     for name, p in (m["parity"] or {}).items():
-        console.print(f"  parity {name}: max |dlogit| {p['max_abs_dlogit']:.2e} (bound {p['bound']:.2e}), "
-                      f"top-1 {100 * p['top1_agreement']:.1f} % over {p['steps']} steps: "
-                      + ("[green]pass[/]" if p["passed"] else "[red]FAIL[/]"))
+        bound = f" (bound {p['bound']:.2e})" if p["bound"] is not None else ""
+        ppl = f", perplexity {p['ppl']:.3f} vs eager {p['ppl_ref']:.3f}" if p["ppl"] is not None else ""
+        console.print(f"  parity {name}: max |dlogit| {p['max_abs_dlogit']:.2e}{bound}, "
+                      f"top-1 {100 * p['top1_agreement']:.1f} % over {p['steps']} steps{ppl}: "
+                      + ("[green]pass[/]" if p["passed"] else "[red]FAIL[/]"), highlight=False)
 
 
 @app.command()
@@ -311,6 +309,93 @@ def budget(
         console.print(t)
     if plot:
         console.print(f"[dim]wrote {plot}[/]")
+
+
+def _parity_table(title: str, runtimes: dict) -> Table:
+    t = Table(title=title)
+    for col in ("runtime", "max |dlogit|", "rel", "bound", "top-1", "ppl", "ppl eager", "ppl change", "result"):
+        t.add_column(col)
+    for name, p in runtimes.items():
+        ppl = p["ppl"] is not None
+        t.add_row(name, f"{p['max_abs_dlogit']:.2e}", f"{p['rel_dlogit']:.2e}",
+                  f"{p['bound']:.2e}" if p["bound"] is not None else "-", f"{100 * p['top1_agreement']:.2f} %",
+                  f"{p['ppl']:.4f}" if ppl else "-", f"{p['ppl_ref']:.4f}" if ppl else "-",
+                  f"{100 * p['ppl_change']:+.2f} %" if ppl else "-",
+                  "[green]pass[/]" if p["passed"] else f"[red]FAIL ({', '.join(p['failed'])})[/]")
+    return t
+
+
+@app.command()
+def validate(
+    artifact_dir: Path = typer.Argument(..., help="An export directory (with manifest.json)."),
+    runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma-separated: pte | ort | arm64 (default: the artifact's own)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The source model (default: the manifest's path; sha256-checked)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file to feed (byte-level models)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Number of tokens to feed."),
+    steps: int = typer.Option(64, "--steps", help="Decode steps per window after a 16-token prefill."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device profile whose qemu CPU model arm64 emulates."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here (one testcase per runtime and check)."),
+) -> None:
+    """Check an exported artifact against its source model on each runtime; exit 1 when a gate fails."""
+    from qkvx.harness.validate import junit_xml, validate as run
+
+    names = [r.strip() for r in runtimes.split(",")] if runtimes else None
+    with console.status("validating"):
+        v = run(artifact_dir, names, model, str(text) if text else None, tokens, steps, device=device)
+    console.print(_parity_table(f"{artifact_dir}: {v.stream['source']}, {v.stream['windows']} window(s) of "
+                                f"{v.stream['tokens'] // v.stream['windows']} tokens", v.runtimes))
+    if json_out:
+        json_out.write_text(json.dumps({"passed": v.passed, "runtimes": v.runtimes, "stream": v.stream}, indent=2) + "\n")
+    if junit:
+        junit.write_text(junit_xml(v) + "\n")
+    if not v.passed:
+        raise GateFailed("validation failed: " + "; ".join(
+            f"{n}: {', '.join(p['failed'])}" for n, p in v.runtimes.items() if not p["passed"]))
+
+
+@app.command(name="eval")
+def eval_(
+    artifact_dir: Path = typer.Argument(..., help="An export directory (with manifest.json)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file (default: the held-out pydoc_data text)."),
+    windows: int = typer.Option(8, "--windows", help="Windows of 128 tokens: 16 prefilled, the rest decoded."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The fp32 source model (default: the manifest's path)."),
+) -> None:
+    """Held-out perplexity and top-1 agreement vs the fp32 eager model, through the artifact's runtime."""
+    from qkvx.harness.validate import validate as run
+
+    with console.status("evaluating"):
+        v = run(artifact_dir, None, model, str(text) if text else None, None, steps=112, windows=windows)
+    console.print(_parity_table(f"{artifact_dir}: {v.stream['source']}", v.runtimes))
+
+
+emulator_app = typer.Typer(help="The arm64 emulator (qemu-user + a Debian arm64 user land) for `validate --runtimes arm64`.",
+                            no_args_is_help=True)
+app.add_typer(emulator_app, name="emulator")
+
+
+@emulator_app.command("setup")
+def emulator_setup(
+    force: bool = typer.Option(False, "--force", help="Rebuild from scratch."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default ~/.cache/qkvx/arm64."),
+) -> None:
+    """Build (once; idempotent) the arm64 user land with Python, numpy and onnxruntime."""
+    from qkvx.harness.emulator import setup
+
+    with console.status("setting up the arm64 emulator (debootstrap, wheels)"):
+        info = setup(cache_dir, force)
+    print(info.summary())
+
+
+@emulator_app.command("status")
+def emulator_status(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir")) -> None:
+    """Say whether the emulator is ready, and what is missing with how to fix it (exit 1 if not)."""
+    from qkvx.harness.emulator import status
+
+    info = status(cache_dir)
+    print(info.summary())
+    if not info.ready:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

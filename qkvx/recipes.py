@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,21 +14,27 @@ from qkvx.errors import QkvxError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
 FORMATS = {"pte": ("xnnpack",), "onnx": ("cpu",)}
-WEIGHTS = ("none",)
-KV_CACHE = ("fp32",)
+# Weight schemes per format: ExecuTorch uses torchao (8-bit dynamic activations with int4 groups or
+# int8 channels); ONNX uses onnxruntime's dynamic int8 (optimum ORTQuantizer) and MatMulNBits int4.
+WEIGHTS = {"pte": ("none", "8da4w", "8da8w"), "onnx": ("none", "int8", "int4")}
+KV_CACHE = ("fp32", "int8")
+INT8_PRESETS = ("arm64", "avx2", "avx512_vnni")
 
 
 @dataclass(frozen=True)
 class Gates:
     """Parity gates (DESIGN.md 6): fp32 artifacts pass when every step's max |dlogit| <=
-    max_rel_dlogit * max|logit| + abs_dlogit_floor and top-1 agreement >= min_top1."""
+    max_rel_dlogit * max|logit| + abs_dlogit_floor and top-1 agreement >= min_top1; quantized ones
+    when top-1 agreement >= min_top1 and held-out perplexity rises by at most max_ppl_change."""
 
-    max_rel_dlogit: float = 1e-4
+    max_rel_dlogit: float | None = 1e-4  # None: no logit gate (quantized artifacts)
     abs_dlogit_floor: float = 1e-5
     min_top1: float = 1.0
     max_ppl_change: float | None = None  # relative, e.g. 0.03 = 3 %
 
     def bound(self, max_abs_logit: float) -> float:
+        if self.max_rel_dlogit is None:
+            return math.inf
         return self.max_rel_dlogit * max_abs_logit + self.abs_dlogit_floor
 
 
@@ -37,7 +44,11 @@ class Recipe:
     format: str  # pte | onnx
     backend: str
     weights: str = "none"
-    kv_cache: str = "fp32"
+    group_size: int = 32  # int4 group / block size (8da4w, onnx int4)
+    accuracy_level: int | None = 4  # onnx int4: MatMulNBits accuracy_level (4 = int8 compute)
+    int8_preset: str | None = None  # onnx int8: optimum preset; None = from the device, else the host
+    quantize_lm_head: bool = False  # the (often tied) output projection, quantized or kept fp32
+    kv_cache: str = "fp32"  # fp32 | int8 (symmetric, one scale per token and kv head)
     max_seq_len: int | None = None  # None: the model's max_positions
     prefill_chunk: int = 64
     gates: Gates = field(default_factory=Gates)
@@ -50,8 +61,13 @@ class Recipe:
         if self.backend not in FORMATS[self.format]:
             raise QkvxError(f"{src}: backend {self.backend!r} not available for {self.format}; "
                             f"known: {', '.join(FORMATS[self.format])}")
-        if self.weights not in WEIGHTS:
-            raise QkvxError(f"{src}: weights {self.weights!r} unknown; known: {', '.join(WEIGHTS)}")
+        if self.weights not in WEIGHTS[self.format]:
+            raise QkvxError(f"{src}: weights {self.weights!r} not available for {self.format}; "
+                            f"known: {', '.join(WEIGHTS[self.format])}")
+        if self.int8_preset is not None and self.int8_preset not in INT8_PRESETS:
+            raise QkvxError(f"{src}: int8_preset {self.int8_preset!r} unknown; known: {', '.join(INT8_PRESETS)}")
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise QkvxError(f"{src}: group_size must be a power of two, got {self.group_size}")
         if self.kv_cache not in KV_CACHE:
             raise QkvxError(f"{src}: kv_cache {self.kv_cache!r} unknown; known: {', '.join(KV_CACHE)}")
         if self.max_seq_len is not None and self.max_seq_len < 1:

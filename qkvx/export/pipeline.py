@@ -16,18 +16,15 @@ from typing import Any, Callable
 import torch
 
 import qkvx
-from qkvx.errors import QkvxError
+from qkvx.errors import GateFailed, QkvxError
 from qkvx.export import manifest as mf
 from qkvx.recipes import Recipe, load_recipe
 from qkvx.spec import cache_layout
 
 Progress = Callable[[str], None]
 PARITY_PREFILL, PARITY_STEPS = 16, 64
+PARITY_TEXT_WINDOWS = 4  # byte-level models: 4 windows of held-out text (perplexity over 316 predictions)
 BYTE_EOS = 0  # byte-level models: NUL never occurs in text, so it is the end-of-sequence id
-
-
-class GateFailed(QkvxError):
-    """Validation ran and a parity gate failed (exit code 1, not a usage error)."""
 
 
 def validation_tokens(model, n: int, seed: int = 0) -> torch.Tensor:
@@ -86,10 +83,7 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
         mf.write_manifest(tmp, manifest)
         if parity is not None and not all(p["passed"] for p in parity.values()):
             bad = next(n for n, p in parity.items() if not p["passed"])
-            p = parity[bad]
-            raise GateFailed(f"validation failed for {bad}: max |dlogit| {p['max_abs_dlogit']:.3g} "
-                             f"(bound {p['bound']:.3g}), top-1 agreement {p['top1_agreement']:.3f}; "
-                             f"{out} was not written")
+            raise GateFailed(f"validation failed, {gate_message(bad, parity[bad])}; {out} was not written")
     return manifest
 
 
@@ -98,7 +92,9 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path) -> tuple[str, dict]:
         from qkvx.export.executorch import export_pte
 
         eos = [BYTE_EOS] if model.spec.vocab_size == 256 else []
-        pte, plan = export_pte(model, seq, recipe.prefill_chunk, eos_ids=eos)
+        pte, plan = export_pte(model, seq, recipe.prefill_chunk, eos_ids=eos, weights=recipe.weights,
+                               group_size=recipe.group_size, quantize_lm_head=recipe.quantize_lm_head,
+                               kv_cache=recipe.kv_cache)
         (tmp / "model.pte").write_bytes(pte)
         return "model.pte", {"cache": {"program_cache_buffers": plan.cache_buffers,
                                        "program_cache_bytes": plan.cache_bytes},
@@ -106,10 +102,15 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path) -> tuple[str, dict]:
     if recipe.format == "onnx":
         from qkvx.export.onnx import export_onnx
 
-        files, graph = export_onnx(model, tmp, seq)
+        files, graph = export_onnx(model, tmp, seq, kv_cache=recipe.kv_cache)
+        extra: dict[str, Any] = {"weight_matmuls": graph.weight_matmuls}
+        if recipe.weights != "none":  # quantize the saved graph in place: the artifact is the quantized model
+            from qkvx.quant.onnx_weights import quantize_onnx_weights
+
+            files, graph, extra["weights"] = quantize_onnx_weights(tmp, recipe, model.spec)
         return files[0], {"cache": {"graph_cache_inputs": graph.to_dict()["cache_inputs"],
                                     "graph_cache_bytes_per_token": graph.cache_bytes_per_token()},
-                          "weight_matmuls": graph.weight_matmuls, "data_files": files[1:]}
+                          **extra, "data_files": files[1:]}
     raise QkvxError(f"recipe {recipe.name!r}: format {recipe.format!r} has no exporter yet")
 
 
@@ -137,6 +138,17 @@ def _validate(model, recipe: Recipe, artifact: Path) -> dict[str, dict]:
 
     runner = get_runner(recipe.format)(artifact)
     n = min(PARITY_PREFILL + PARITY_STEPS, runner.max_seq_len)
-    tokens = validation_tokens(model, n)
-    result = check_parity(model, runner, tokens, min(PARITY_PREFILL, n - 1), recipe.gates)
+    text = model.spec.vocab_size == 256  # qkvx-trained byte models: held-out text, perplexity too
+    windows = PARITY_TEXT_WINDOWS if text else 1
+    tokens = validation_tokens(model, n * windows)
+    result = check_parity(model, runner, tokens, min(PARITY_PREFILL, n - 1), recipe.gates, windows, text)
     return {runner.name: result.to_dict()}
+
+
+def gate_message(name: str, p: dict) -> str:
+    """One line naming the failed gate(s) of runtime `name` and the measured values."""
+    parts = [f"max |dlogit| {p['max_abs_dlogit']:.3g}" + (f" (bound {p['bound']:.3g})" if p["bound"] is not None else ""),
+             f"top-1 agreement {p['top1_agreement']:.3f}"]
+    if p.get("ppl_change") is not None:
+        parts.append(f"perplexity {p['ppl']:.3f} vs {p['ppl_ref']:.3f} eager ({100 * p['ppl_change']:+.2f} %)")
+    return f"{name}: gate(s) {', '.join(p['failed'])} failed: {'; '.join(parts)}"

@@ -8,6 +8,9 @@ Graph contract: inputs input_ids [1, T], attention_mask ones [1, past + T], posi
 [1, T] = past .. past + T - 1, and past_key_values.{i}.kv (K=V: one tensor) or .key / .value
 [1, kv_heads, past, head_dim]; outputs logits [1, T, vocab] then present.* in the order of the
 past inputs. Past length 0 is the prefill, so one graph serves prefill and decode.
+An int8 cache adds a float `_scale` input [1, kv_heads, past, 1] after each int8 cache input: the
+empty past of every input is derived from the graph's own names, element types and dims, so any
+number of cache tensors of any dtype is carried from call to call without knowing what they mean.
 """
 from __future__ import annotations
 
@@ -16,13 +19,16 @@ import json
 import numpy as np
 
 PAST_PREFIX = "past_key_values."
-# onnxruntime reports element types as strings; the cache is float in every qkvx recipe.
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+# onnxruntime reports element types as strings: float caches, int8 caches and their float scales.
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+SCALE_SUFFIX = "_scale"  # an int8 cache tensor's per-token scales: last dim 1
 
 
 def past_shapes(session) -> dict[str, tuple[tuple[int, int], type]]:
-    """Per past input: ((kv_heads, head_dim), dtype). The graph declares both dims as constants;
-    when a graph leaves one symbolic, the qkvx.spec metadata fills it in."""
+    """Per past input: ((kv_heads, last dim), dtype): the last dim is head_dim, or 1 for a `_scale`
+    input. The graph declares both dims as constants; when a graph leaves one symbolic, the
+    qkvx.spec metadata fills it in."""
     meta = session.get_modelmeta().custom_metadata_map
     spec = json.loads(meta["qkvx.spec"]) if "qkvx.spec" in meta else {}
     if spec and not spec.get("head_dim"):
@@ -35,10 +41,13 @@ def past_shapes(session) -> dict[str, tuple[tuple[int, int], type]]:
             continue
         _, heads, _, dim = i.shape
         heads = heads if isinstance(heads, int) else spec.get("n_kv_head")
-        dim = dim if isinstance(dim, int) else spec.get("head_dim")
+        if not isinstance(dim, int):
+            dim = 1 if i.name.endswith(SCALE_SUFFIX) else spec.get("head_dim")
         if heads is None or dim is None:
             raise ValueError(f"{i.name}: symbolic kv heads / head dim and no qkvx.spec metadata to fill them")
-        out[i.name] = ((int(heads), int(dim)), _ORT_DTYPES.get(i.type, np.float32))
+        if i.type not in _ORT_DTYPES:
+            raise ValueError(f"{i.name}: cache element type {i.type} is not supported")
+        out[i.name] = ((int(heads), int(dim)), _ORT_DTYPES[i.type])
     return out
 
 

@@ -105,7 +105,7 @@ class EagerKVRunner(Runner):
 
 
 # Modules that register runners for artifacts; imported on first use (each pulls in its runtime).
-RUNNER_MODULES = ("qkvx.harness.pte", "qkvx.harness.ort")
+RUNNER_MODULES = ("qkvx.harness.pte", "qkvx.harness.ort", "qkvx.harness.arm64")
 
 
 def _import_runners() -> None:

@@ -1,0 +1,75 @@
+"""`qkvx validate`: what users put in CI. Passing artifacts pass; a changed weight fails with exit 1
+and a JUnit file that names the failed check; a file changed after export is refused."""
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import qkvx
+from qkvx.api import export
+from qkvx.export.manifest import sha256_file
+from qkvx.models.transformer import Transformer
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "qkvx", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("val")
+    spec = qkvx.ModelSpec.from_paper_name("Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=128, max_positions=96)
+    src = qkvx.save(Transformer(spec).init_weights(0, std=0.1), d / "model")
+    out = d / "onnx"
+    export(src, "onnx-fp32", out)
+    return out
+
+
+def test_validate_passes_with_json_and_junit(onnx_export, tmp_path):
+    r = run("validate", onnx_export, "--runtimes", "ort", "--json", tmp_path / "v.json", "--junit", tmp_path / "v.xml")
+    assert r.returncode == 0, r.stderr
+    v = json.loads((tmp_path / "v.json").read_text())
+    p = v["runtimes"]["onnx"]
+    assert v["passed"] and p["passed"] and p["top1_agreement"] == 1.0
+    assert p["max_abs_dlogit"] <= 1e-4 * p["max_abs_logit"] + 1e-5
+    assert p["ppl"] is None and p["ppl_change"] is None  # random tokens: no perplexity
+    cases = ET.parse(tmp_path / "v.xml").getroot().findall("testcase")
+    assert {(c.get("classname"), c.get("name")) for c in cases} == {("qkvx.onnx", "dlogit"), ("qkvx.onnx", "top1")}
+    assert not any(c.find("failure") is not None for c in cases)
+
+
+def test_changed_weight_fails_with_exit_1_and_junit_names_the_check(onnx_export, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(onnx_export, bad)
+    model = onnx.load(bad / "model.onnx")
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    w = numpy_helper.to_array(init).copy()
+    w[0, 0] += 1.0  # one weight changed
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, bad / "model.onnx")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["artifacts"][0]["sha256"] = sha256_file(bad / "model.onnx")  # a bad export, consistently recorded
+    manifest["artifacts"][0]["bytes"] = (bad / "model.onnx").stat().st_size
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    r = run("validate", bad, "--junit", tmp_path / "bad.xml")
+    assert r.returncode == 1 and "dlogit" in r.stderr and "Traceback" not in r.stderr
+    failed = [c for c in ET.parse(tmp_path / "bad.xml").getroot().findall("testcase") if c.find("failure") is not None]
+    assert ("qkvx.onnx", "dlogit") in {(c.get("classname"), c.get("name")) for c in failed}
+
+
+def test_file_changed_after_export_is_refused(onnx_export, tmp_path):
+    import shutil
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(onnx_export, bad)
+    with open(bad / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    r = run("validate", bad)
+    assert r.returncode == 2 and "sha256 does not match" in r.stderr
