@@ -125,8 +125,10 @@ def inspect(
         t.add_row(f"KV bytes at {spec['max_positions']} tokens ({dt})",
                   f"{_bytes(info['kv_bytes_at_max_positions'][dt])}  (QKV: {_bytes(base[f'kv_bytes_at_context_{dt}'])})")
     t.add_row("KV cache saving vs QKV", f"{info['kv_saving_percent']:.1f} %")
-    for key, value in (info.get("meta") or {}).get("training", {}).items():
-        t.add_row(f"training {key}", str(value))
+    trained = (info.get("meta") or {}).get("training", {})
+    if trained:
+        t.add_row("trained", f"{trained.get('steps')} steps, seed {trained.get('seed')}: held-out perplexity "
+                             f"{trained.get('heldout_ppl')} (unigram byte model {trained.get('unigram_ppl')})")
     console.print(t)
 
 
