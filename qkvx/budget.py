@@ -7,7 +7,7 @@ Memory model (all terms exact except the activation estimate, which a .pte's mem
   weights     artifact file size when an export is given; else parameters x bytes per weight
   kv_cache    cache_layout(spec, cache dtype).bytes_at(ctx)   (scales included)
   activations decode-time working set for one prefill chunk of T tokens (see activation_bytes)
-  runtime     the backend's own resident memory (RUNTIME_BYTES, measured here, see README)
+  runtime     the backend's own resident memory (RUNTIME_BYTES: an estimate, not yet measured)
 Decode ceiling: every weight and every cached byte is read once per token, so
   tokens/s <= bandwidth / (weights + kv_cache(ctx)).
 """
@@ -22,8 +22,8 @@ from qkvx.spec import ModelSpec, cache_layout
 # Bytes per weight of the Linear layers by weight scheme (scales included: int8 per output channel,
 # int4 groups of 32 with an fp32 scale each). Embeddings stay fp32 unless the scheme says fp16.
 WEIGHT_SCHEMES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
-# Resident memory of each runtime itself (program, kernels, thread pool, allocator slack), measured
-# here as the RSS growth of loading and running a tiny artifact (qkvx budget --measure; README).
+# Resident memory of each runtime itself (program, kernels, thread pool, allocator slack). ESTIMATES
+# for the C++ runtimes on a device; not yet checked against measured RSS (issue 6, part 3).
 RUNTIME_BYTES = {"pte": 16 * 2**20, "onnx": 48 * 2**20}
 MAX_CONTEXT_SEARCH = 2**24
 COMPARE_VARIANTS = ("QKV", "Q-K=V", "GQA-4", "MQA", "Q-GQA-4", "Q-MQA")

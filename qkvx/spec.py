@@ -19,7 +19,9 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu")
 
 # Bytes per element of a cache dtype. int8 caches also store one fp32 scale per (token, kv head,
-# cache tensor): symmetric quantization needs no zero point.
+# cache tensor): symmetric quantization needs no zero point. (ExecuTorch's int8 attention kernel
+# insists on zero-point tensors anyway: the .pte carries ONE all-zero int8 constant of max_seq_len x
+# kv_heads bytes shared by every layer - not cache state, reported as PtePlan.zero_point_bytes.)
 CACHE_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 INT8_SCALE_BYTES = 4
 

@@ -1,9 +1,12 @@
-"""ExecuTorch export: torch.export -> XNNPACK lowering -> .pte with the cache as mutable buffers.
+"""ExecuTorch export: (torchao weight quantization) -> torch.export -> XNNPACK lowering -> .pte with
+the cache as mutable buffers.
 
 Uses ExecuTorch's LLM custom ops (llama::update_cache, llama::custom_sdpa): measured here, plain-op
 static caches lowered to XNNPACK decode 3-5x slower than eager. A K=V layer keeps ONE buffer, passed
-as key and value cache, so the planned cache memory exactly halves. After lowering the program is
-checked: the custom ops are in it and it holds exactly the cache buffers the spec says.
+as key and value cache, so the planned cache memory exactly halves. An int8 cache keeps an int8
+buffer and an fp32 scale buffer per cache tensor and attends through llama::custom_quantized_sdpa
+(qkvx.rewrite). After lowering the program is checked: the custom ops are in it and it holds
+exactly the cache buffers (count and bytes) that qkvx.spec.cache_layout says.
 """
 from __future__ import annotations
 
@@ -15,9 +18,14 @@ import torch
 from qkvx.errors import QkvxError
 from qkvx.models.transformer import Transformer
 from qkvx.rewrite import DecodeModel
-from qkvx.spec import cache_layout
+from qkvx.spec import ModelSpec, cache_layout
 
-CUSTOM_OPS = ("llama::update_cache", "llama::custom_sdpa")
+
+def custom_ops(spec: ModelSpec, kv_cache: str = "fp32") -> tuple[str, ...]:
+    """The LLM custom ops the program must hold: an int8 cache is read by the quantized kernel,
+    except with RoPE and k = v, where the dequantized prefix is rotated and read by the float one."""
+    int8_kernel = kv_cache == "int8" and not (spec.kv_shared and spec.positions == "rope")
+    return ("llama::update_cache", "llama::custom_quantized_sdpa" if int8_kernel else "llama::custom_sdpa")
 
 
 @dataclass
@@ -28,9 +36,17 @@ class PtePlan:
     cache_bytes: int
     planned_bytes: int  # sum of non_const_buffer_sizes: activations + caches
     operators: list[str] = field(default_factory=list)
+    # int8 constants outside any delegate, [1, T, G, 1]: the zero points an int8 cache's kernel
+    # reads (all zero, ONE tensor shared by every layer; qkvx.rewrite.DecodeModel)
+    zero_points: list[list[int]] = field(default_factory=list)
+
+    @property
+    def zero_point_bytes(self) -> int:
+        return sum(math.prod(s) for s in self.zero_points)
 
     def to_dict(self) -> dict:
         return {"cache_buffers": self.cache_buffers, "cache_bytes": self.cache_bytes,
+                "zero_points": self.zero_points, "zero_point_bytes": self.zero_point_bytes,
                 "planned_bytes": self.planned_bytes, "operators": self.operators}
 
 
@@ -49,6 +65,7 @@ def read_plan(pte: bytes) -> PtePlan:
         raise QkvxError("the .pte program has no 'forward' method")
     plan = plans[0]
     buffers: dict[str, list[int]] = {}
+    zero_points: list[list[int]] = []
     nbytes = 0
     for value in plan.values:
         t = value.val
@@ -56,12 +73,16 @@ def read_plan(pte: bytes) -> PtePlan:
         if info is not None and getattr(info, "fully_qualified_name", None):
             buffers[info.fully_qualified_name] = list(t.sizes)
             nbytes += math.prod(t.sizes) * _SCALAR_BYTES.get(int(t.scalar_type), 4)
+        elif (getattr(t, "data_buffer_idx", 0) and int(t.scalar_type) == _CHAR and len(t.sizes) == 4
+              and t.sizes[0] == 1 and t.sizes[3] == 1):  # a constant int8 [1, T, G, 1]
+            zero_points.append(list(t.sizes))
     return PtePlan(cache_buffers=buffers, cache_bytes=nbytes, planned_bytes=sum(plan.non_const_buffer_sizes),
-                   operators=sorted({op.name for op in plan.operators}))
+                   operators=sorted({op.name for op in plan.operators}), zero_points=zero_points)
 
 
 # executorch ScalarType codes -> bytes (Byte, Char, Short, Int, Long, Half, Float, Double, ..., BFloat16)
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 15: 2}
+_CHAR = 1  # int8
 
 
 def constant_methods(max_seq_len: int, prefill_chunk: int, eos_ids: list[int], vocab_size: int,
@@ -82,27 +103,44 @@ def constant_methods(max_seq_len: int, prefill_chunk: int, eos_ids: list[int], v
 
 
 def export_pte(model: Transformer, max_seq_len: int, prefill_chunk: int = 64,
-               eos_ids: list[int] | None = None) -> tuple[bytes, PtePlan]:
+               eos_ids: list[int] | None = None, *, weights: str = "none", group_size: int = 32,
+               quantize_lm_head: bool = False, kv_cache: str = "fp32") -> tuple[bytes, PtePlan]:
     """Lower `model` to an XNNPACK-delegated .pte with a static cache of max_seq_len tokens.
 
     forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab], 1 <= T <= prefill_chunk.
-    Returns the program bytes and its checked plan.
+    weights: none | 8da4w | 8da8w (qkvx.quant.weights, on a copy: `model` is not changed);
+    kv_cache: fp32 | int8. Returns the program bytes and its checked plan.
     """
+    from qkvx.quant.weights import quantize_for_pte
+
+    prefill_chunk = min(prefill_chunk, max_seq_len)
+    if prefill_chunk < 2:
+        raise QkvxError(f"prefill chunk must be >= 2 (export specializes a length-1 sequence), got {prefill_chunk}")
+    quantized = quantize_for_pte(model.eval(), weights, group_size, quantize_lm_head)
+    decode = DecodeModel(quantized, max_seq_len, kv_cache).eval()
+    pte = lower_decode(decode, model.spec, max_seq_len, prefill_chunk, eos_ids)
+    plan = read_plan(pte)
+    check_plan(plan, model, max_seq_len, kv_cache)
+    return pte, plan
+
+
+def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [1, 2], input_pos [1]): length 2, not 1, which would specialize the dynamic dim."""
+    return torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long)
+
+
+def lower_decode(decode: torch.nn.Module, spec: ModelSpec, max_seq_len: int, prefill_chunk: int,
+                 eos_ids: list[int] | None = None) -> bytes:
+    """torch.export a decode-form module (DecodeModel, or a graph module with its forward) with a
+    dynamic sequence of 1..prefill_chunk tokens, delegate to XNNPACK, serialize the program."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from torch.export import Dim
 
-    spec = model.spec
-    prefill_chunk = min(prefill_chunk, max_seq_len)
-    if prefill_chunk < 2:
-        raise QkvxError(f"prefill chunk must be >= 2 (export specializes a length-1 sequence), got {prefill_chunk}")
-    decode = DecodeModel(model.eval(), max_seq_len).eval()
-    # Example length 2 (not 1): a length-1 example specializes the dynamic dimension to a constant.
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     seq = Dim("seq", min=1, max=prefill_chunk)
     with torch.no_grad():
-        ep = torch.export.export(decode, example, dynamic_shapes=({1: seq}, None), strict=False)
+        ep = torch.export.export(decode, example_inputs(), dynamic_shapes=({1: seq}, None), strict=False)
     edge = to_edge_transform_and_lower(
         ep,
         partitioner=[XnnpackPartitioner()],
@@ -116,22 +154,29 @@ def export_pte(model: Transformer, max_seq_len: int, prefill_chunk: int = 64,
         run_reinplace_pass=True,  # update_cache writes into the buffer, no copy-back
         emit_mutable_buffer_names=True,  # so the plan names each cache buffer
     ))
-    pte = program.buffer
-    plan = read_plan(pte)
-    check_plan(plan, model, max_seq_len)
-    return pte, plan
+    return program.buffer
 
 
-def check_plan(plan: PtePlan, model: Transformer, max_seq_len: int) -> None:
-    """Fail the export unless the custom ops are in the program and it holds exactly the cache
-    buffers (count and bytes) that the spec's cache layout says."""
-    missing = [op for op in CUSTOM_OPS if op not in plan.operators]
+def check_plan(plan: PtePlan, model: Transformer, max_seq_len: int, kv_cache: str = "fp32") -> None:
+    """Fail the export unless the custom ops are in the program, no (de)quantization runs outside
+    XNNPACK (a quantized Linear it did not take would dequantize its weight at every call), and the
+    program holds exactly the cache buffers (count and bytes) that the spec's cache layout says:
+    per layer one buffer per cache tensor, with int8 one scale buffer beside each."""
+    ops = custom_ops(model.spec, kv_cache)
+    missing = [op for op in ops if op not in plan.operators]
     if missing:
         raise QkvxError(f"export check: custom op(s) {', '.join(missing)} missing from the program "
                         f"(the cache would run on slow plain ops)")
-    layout = cache_layout(model.spec, "fp32")
-    want = layout.n_layer * layout.tensors_per_layer
+    undelegated = [op for op in plan.operators if op not in ops and ("quantize" in op or "choose_qparams" in op)]
+    if undelegated:
+        raise QkvxError(f"export check: quantized op(s) {', '.join(undelegated)} not delegated to XNNPACK")
+    want_zp = [[1, max_seq_len, model.spec.n_kv_head, 1]] if "llama::custom_quantized_sdpa" in ops else []
+    if plan.zero_points != want_zp:
+        raise QkvxError(f"export check: program holds int8 zero-point constants {plan.zero_points}; "
+                        f"expected {want_zp} (one shared by every layer)")
+    layout = cache_layout(model.spec, kv_cache)
+    want = layout.n_layer * layout.tensors_per_layer * (2 if layout.scale_bytes_per_head else 1)
     if len(plan.cache_buffers) != want or plan.cache_bytes != layout.bytes_at(max_seq_len):
         raise QkvxError(f"export check: program holds {len(plan.cache_buffers)} cache buffers of "
                         f"{plan.cache_bytes} bytes; the {model.spec.paper_name} spec says {want} of "
-                        f"{layout.bytes_at(max_seq_len)} bytes")
+                        f"{layout.bytes_at(max_seq_len)} bytes ({kv_cache} cache)")

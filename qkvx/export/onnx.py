@@ -3,8 +3,11 @@
 The graph follows DESIGN.md 4 and the optimum naming: inputs input_ids, attention_mask, position_ids
 and per layer past_key_values.{i}.kv (k = v: ONE tensor) or .key / .value; outputs logits and
 present.{i}.*. Batch, sequence and past length are dynamic, and past length 0 is the prefill, so
-one graph serves prefill and decode. After saving, the graph is read back and checked: exactly the
-cache inputs and outputs the spec's cache layout says, with its kv heads and head dim.
+one graph serves prefill and decode. With an int8 cache each cache tensor is int8 with an fp32
+`_scale` [batch, kv_heads, past, 1] beside it. After saving, the graph is read back and checked:
+exactly the cache inputs and outputs the spec's cache layout says, with its kv heads, head dim,
+dtypes and bytes per token. Weight quantization (qkvx.quant.onnx_weights) rewrites the saved graph
+and checks it again with the same functions.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import qkvx
 from qkvx.errors import QkvxError
 from qkvx.models.transformer import Transformer
 from qkvx.rewrite import OnnxDecodeModel, cache_io_names
-from qkvx.spec import ModelSpec, cache_layout
+from qkvx.spec import CacheLayout, ModelSpec, cache_layout
 
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 # Dimension names as optimum writes them, so tools that read optimum graphs read ours.
@@ -33,6 +36,8 @@ TOTAL = f"{PAST} + {SEQ}"
 EXTERNAL_DATA_BYTES = 1_500_000_000
 _DEDUP_MAX_BYTES = 1 << 24
 _ELEM_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int64": 8}
+_NP_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}  # cache dtype -> graph element type
+SCALE_SUFFIX = "_scale"
 
 
 @dataclass
@@ -57,7 +62,7 @@ class OnnxGraph:
                    for dtype, shape in self.cache_inputs.values())
 
     def to_dict(self) -> dict:
-        return {"cache_inputs": {n: shape for n, (_, shape) in self.cache_inputs.items()},
+        return {"cache_inputs": {n: {"dtype": dtype, "shape": shape} for n, (dtype, shape) in self.cache_inputs.items()},
                 "cache_bytes_per_token": self.cache_bytes_per_token(), "weight_matmuls": self.weight_matmuls}
 
 
@@ -90,27 +95,38 @@ def read_graph(path: str | Path) -> OnnxGraph:
                      op_counts=dict(Counter(n.op_type for n in proto.graph.node)), weight_matmuls=matmuls)
 
 
-def check_graph(graph: OnnxGraph, spec: ModelSpec) -> None:
+def cache_tensor_type(layout: CacheLayout, name: str) -> tuple[str, int]:
+    """(element type, last dim) of cache input / output `name`: the layout's dtype and head_dim, or
+    for an int8 cache's `_scale` tensor float32 and 1."""
+    if name.endswith(SCALE_SUFFIX):
+        return "float32", 1
+    return _NP_DTYPES[layout.dtype], layout.head_dim
+
+
+def check_graph(graph: OnnxGraph, spec: ModelSpec, kv_cache: str = "fp32") -> None:
     """Fail the export unless the graph has exactly the contract's inputs and outputs, one cache
-    tensor per K=V layer (two otherwise), each [batch, kv_heads, past, head_dim] fp32."""
-    layout = cache_layout(spec, "fp32")
+    tensor per K=V layer (two otherwise), each [batch, kv_heads, past, head_dim] of the cache dtype
+    (int8: with its float32 `_scale` [batch, kv_heads, past, 1]), and the cache layout's bytes per
+    token (int8: head_dim bytes + a 4-byte scale per kv head and tensor)."""
+    layout = cache_layout(spec, kv_cache)
     past, present = cache_io_names(layout)
     want_in, want_out = ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
     if list(graph.inputs) != want_in or list(graph.outputs) != want_out:
         raise QkvxError(f"export check: graph inputs {list(graph.inputs)} / outputs {list(graph.outputs)} "
                         f"are not the contract's {want_in} / {want_out}")
     for name, (dtype, shape) in {**graph.cache_inputs, **{n: graph.outputs[n] for n in present}}.items():
-        if dtype != "float32" or len(shape) != 4 or shape[1] != layout.kv_heads or shape[3] != layout.head_dim:
-            raise QkvxError(f"export check: {name} is {dtype} {shape}; the {spec.paper_name} spec says float32 "
-                            f"[batch, {layout.kv_heads}, seq, {layout.head_dim}]")
+        want_dtype, last = cache_tensor_type(layout, name)
+        if dtype != want_dtype or len(shape) != 4 or shape[1] != layout.kv_heads or shape[3] != last:
+            raise QkvxError(f"export check: {name} is {dtype} {shape}; the {spec.paper_name} spec with a "
+                            f"{kv_cache} cache says {want_dtype} [batch, {layout.kv_heads}, seq, {last}]")
     if graph.cache_bytes_per_token() != layout.bytes_per_token:
         raise QkvxError(f"export check: the graph's cache holds {graph.cache_bytes_per_token()} bytes per "
                         f"token; the spec says {layout.bytes_per_token}")
 
 
-def onnx_metadata(spec: ModelSpec, max_seq_len: int) -> dict[str, str]:
+def onnx_metadata(spec: ModelSpec, max_seq_len: int, kv_cache: str = "fp32") -> dict[str, str]:
     """metadata_props (DESIGN.md 4), plus the context length the export was made for."""
-    return {"qkvx.spec": spec.to_json(), "qkvx.cache": json.dumps(cache_layout(spec, "fp32").to_dict()),
+    return {"qkvx.spec": spec.to_json(), "qkvx.cache": json.dumps(cache_layout(spec, kv_cache).to_dict()),
             "qkvx.version": qkvx.__version__, "qkvx.max_seq_len": str(max_seq_len)}
 
 
@@ -119,8 +135,12 @@ def _example(decode: OnnxDecodeModel):
     example is 0 or 1, and distinct sizes keep batch, sequence and past from being unified."""
     spec, layout = decode.spec, decode.layout
     B, T, P = 2, 3, 4
-    past = tuple(torch.zeros(B, spec.n_kv_head, P, spec.head_dim)
-                 for _ in range(spec.n_layer * layout.tensors_per_layer))
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+    past = []
+    for name in decode.input_names[3:]:
+        dtype, last = cache_tensor_type(layout, name)
+        past.append(torch.zeros(B, spec.n_kv_head, P, last, dtype=dtypes[dtype]))
+    past = tuple(past)
     args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),
             (torch.arange(P, P + T) % spec.max_positions).expand(B, T).contiguous(), *past)
     shapes = ({0: BATCH, 1: SEQ}, {0: BATCH, 1: TOTAL}, {0: BATCH, 1: SEQ},
@@ -218,12 +238,13 @@ def _fused_attention_translation() -> dict:
 
 
 def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None = None,
-                external_data: bool | None = None, fused_attention: bool = False) -> tuple[list[str], OnnxGraph]:
+                external_data: bool | None = None, fused_attention: bool = False,
+                kv_cache: str = "fp32") -> tuple[list[str], OnnxGraph]:
     """Export `model` to out_dir/model.onnx (weights in model.onnx.data when external_data, by
     default when they exceed EXTERNAL_DATA_BYTES). fused_attention: attention as onnxruntime's
-    contrib MultiHeadAttention (faster decode; the graph then needs onnxruntime). Returns the files
-    written and the checked graph."""
-    import onnx
+    contrib MultiHeadAttention (faster decode; the graph then needs onnxruntime). kv_cache: fp32 or
+    int8 (int8 tensors with `_scale` tensors beside them). Returns the files written and the
+    checked graph."""
     import onnx_ir as ir
 
     spec = model.spec
@@ -231,7 +252,7 @@ def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None
     if not 1 <= max_seq_len <= spec.max_positions:
         raise QkvxError(f"max_seq_len {max_seq_len} must be between 1 and the model's max_positions "
                         f"({spec.max_positions})")
-    decode = OnnxDecodeModel(model.eval(), fused_attention).eval()
+    decode = OnnxDecodeModel(model.eval(), fused_attention, kv_cache).eval()
     args, shapes = _example(decode)
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(decode, args, dynamo=True, input_names=decode.input_names,
@@ -240,16 +261,39 @@ def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None
     _tidy(program.model)
     graph = program.model.graph
     for value in list(graph.outputs)[1:]:  # presents: name the exporter's "past + seq" sum once
-        value.shape = ir.Shape([BATCH, spec.n_kv_head, TOTAL, spec.head_dim])
-    program.model.metadata_props.update(onnx_metadata(spec, max_seq_len))
+        value.shape = ir.Shape([BATCH, spec.n_kv_head, TOTAL, cache_tensor_type(decode.layout, value.name)[1]])
+    program.model.metadata_props.update(onnx_metadata(spec, max_seq_len, kv_cache))
     if external_data is None:
         external_data = sum(v.const_value.nbytes for v in graph.initializers.values()) > EXTERNAL_DATA_BYTES
     out_dir = Path(out_dir)
     ir.save(program.model, out_dir / ONNX_FILE, external_data=DATA_FILE if external_data else None)
+    return [ONNX_FILE] + ([DATA_FILE] if external_data else []), check_saved(out_dir, spec, kv_cache)
+
+
+def save_proto(proto, out_dir: str | Path, external_data: bool | None = None) -> list[str]:
+    """Write an onnx ModelProto as out_dir/model.onnx the way export_onnx does: weights in
+    model.onnx.data when external_data (None: when they exceed EXTERNAL_DATA_BYTES), else one file;
+    a stale data file is removed. Returns the files written."""
+    import onnx
+
+    out_dir = Path(out_dir)
+    if external_data is None:
+        external_data = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    (out_dir / DATA_FILE).unlink(missing_ok=True)
+    onnx.save(proto, str(out_dir / ONNX_FILE), save_as_external_data=external_data,
+              all_tensors_to_one_file=True, location=DATA_FILE)  # small tensors stay inline
+    return [ONNX_FILE] + ([DATA_FILE] if external_data else [])
+
+
+def check_saved(out_dir: str | Path, spec: ModelSpec, kv_cache: str) -> OnnxGraph:
+    """onnx.checker, then the contract (check_graph) on out_dir/model.onnx; returns its graph."""
+    import onnx
+
+    out_dir = Path(out_dir)
     try:
         onnx.checker.check_model(str(out_dir / ONNX_FILE))  # by path: follows external data
     except onnx.checker.ValidationError as e:
         raise QkvxError(f"export check: onnx.checker rejects the graph ({str(e).splitlines()[0]})") from None
     checked = read_graph(out_dir / ONNX_FILE)
-    check_graph(checked, spec)
-    return [ONNX_FILE] + ([DATA_FILE] if external_data else []), checked
+    check_graph(checked, spec, kv_cache)
+    return checked

@@ -97,7 +97,8 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path) -> tuple[str, dict]:
                                kv_cache=recipe.kv_cache)
         (tmp / "model.pte").write_bytes(pte)
         return "model.pte", {"cache": {"program_cache_buffers": plan.cache_buffers,
-                                       "program_cache_bytes": plan.cache_bytes},
+                                       "program_cache_bytes": plan.cache_bytes,
+                                       "program_zero_point_bytes": plan.zero_point_bytes},
                              "planned_bytes": plan.planned_bytes, "prefill_chunk": min(recipe.prefill_chunk, seq)}
     if recipe.format == "onnx":
         from qkvx.export.onnx import export_onnx

@@ -73,3 +73,24 @@ def test_file_changed_after_export_is_refused(onnx_export, tmp_path):
         f.write(b"\0")
     r = run("validate", bad)
     assert r.returncode == 2 and "sha256 does not match" in r.stderr
+
+
+def test_int8_onnx_on_x86_and_emulated_arm64(trained_kv, tmp_path):
+    """Quantized kernels differ by ISA: the same int8 artifact is validated on the host and on an
+    emulated arm64 CPU, and both results (and their difference) are reported."""
+    from qkvx.harness import emulator
+
+    if not emulator.status().ready:
+        pytest.skip("arm64 emulator not set up (qkvx emulator setup; .ci/run does it)")
+    out = tmp_path / "int8"
+    export(trained_kv, "onnx-int8", out)
+    r = run("validate", out, "--runtimes", "ort,arm64", "--device", "raspberry-pi-5", "--json", tmp_path / "v.json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads((tmp_path / "v.json").read_text())["runtimes"]
+    x86, arm = v["onnx"], v["arm64"]
+    assert x86["passed"] and arm["passed"]
+    print(f"int8 onnx: x86 ppl {x86['ppl']:.4f} top-1 {x86['top1_agreement']:.4f} max|dlogit| {x86['max_abs_dlogit']:.3g}; "
+          f"arm64 ppl {arm['ppl']:.4f} top-1 {arm['top1_agreement']:.4f} max|dlogit| {arm['max_abs_dlogit']:.3g}; "
+          f"ppl difference {abs(x86['ppl'] - arm['ppl']):.2e}")
+    assert x86["ppl_ref"] == arm["ppl_ref"]  # the same eager reference and token stream
+    assert abs(x86["ppl"] - arm["ppl"]) / x86["ppl_ref"] < 0.02

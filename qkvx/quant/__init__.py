@@ -1,0 +1,15 @@
+"""Quantization: weights (torchao for ExecuTorch, in weights.py) and the int8 KV cache (kv.py).
+
+Nothing heavy is imported here: torchao loads only when a recipe asks for quantized weights.
+"""
+from qkvx.quant.kv import dequantize_int8, quantize_int8
+
+__all__ = ["dequantize_int8", "quantize_int8", "quantize_for_pte", "PTE_SCHEMES"]
+
+
+def __getattr__(name: str):
+    if name in ("quantize_for_pte", "PTE_SCHEMES"):
+        from qkvx.quant import weights
+
+        return getattr(weights, name)
+    raise AttributeError(f"module 'qkvx.quant' has no attribute {name!r}")
