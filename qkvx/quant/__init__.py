@@ -1,4 +1,5 @@
-"""Quantization: weights (torchao for ExecuTorch, in weights.py) and the int8 KV cache (kv.py).
+"""Quantization: weights (torchao for ExecuTorch: weights.py; onnxruntime for ONNX: onnx_weights.py)
+and the int8 KV cache arithmetic both backends share (kv.py).
 
 Nothing heavy is imported here: torchao loads only when a recipe asks for quantized weights.
 """
