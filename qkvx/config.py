@@ -9,6 +9,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from qkvx.errors import QkvxError
@@ -82,3 +83,18 @@ def typed(cls, data: Any, where: str, *, require: bool = True, hidden: tuple[str
             raise QkvxError(f"{where}: key {key!r} must be {' or '.join(_type_name(t) for t in allowed)}, "
                             f"got {value!r}")
     return cls(**values)
+
+
+def resolve_named_file(name_or_path, directory: Path, suffixes: tuple[str, ...], kind: str, noun: str) -> Path:
+    """A shipped file by name (directory/NAME + suffixes[0]) or a user's file by path: the lookup
+    recipes and device profiles share. Unknown names list the known ones."""
+    path = Path(name_or_path)
+    if path.suffix in suffixes:
+        if not path.is_file():
+            raise QkvxError(f"{path}: no such {noun}")
+        return path
+    path = directory / f"{name_or_path}{suffixes[0]}"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob(f"*{suffixes[0]}"))
+        raise QkvxError(f"unknown {kind} {str(name_or_path)!r}; known: {', '.join(known)}")
+    return path

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qkvx.config import typed
+from qkvx.config import resolve_named_file, typed
 from qkvx.errors import QkvxError
 
 DEVICE_DIR = Path(__file__).resolve().parent.parent / "devices"
@@ -197,13 +197,7 @@ def _check_sources(data: dict[str, Any], where: str) -> None:
 
 def load_device(name_or_path: str | os.PathLike) -> DeviceProfile:
     """A device profile by name (devices/NAME.toml) or by path to a TOML file."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = DEVICE_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise QkvxError(f"unknown device {str(name_or_path)!r}; known: {', '.join(device_names())}")
-    elif not path.is_file():
-        raise QkvxError(f"{path}: no such device profile")
+    path = resolve_named_file(name_or_path, DEVICE_DIR, (".toml",), "device", "device profile")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

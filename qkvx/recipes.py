@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from qkvx.config import typed as _typed
+from qkvx.config import resolve_named_file, typed as _typed
 from qkvx.errors import QkvxError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
@@ -81,13 +81,7 @@ class Recipe:
 
 def load_recipe(name_or_path: str) -> Recipe:
     """A recipe by name (export_recipes/NAME.yaml) or by path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise QkvxError(f"unknown recipe {name_or_path!r}; known: {', '.join(list_recipes())}")
-    elif not path.is_file():
-        raise QkvxError(f"{path}: no such recipe file")
+    path = resolve_named_file(name_or_path, RECIPE_DIR, (".yaml", ".yml"), "recipe", "recipe file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
