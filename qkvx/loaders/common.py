@@ -30,8 +30,8 @@ class Checkpoint:
 
 def build_model(ckpt: Checkpoint) -> Transformer:
     """Instantiate the spec and load `state` strictly: every key, every shape, finite values."""
-    model = Transformer(ckpt.spec)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # shapes only; from_state below takes the loaded tensors as they are
+        expected = {k: v.shape for k, v in Transformer(ckpt.spec).state_dict().items()}
     if ckpt.spec.tie_embeddings:
         expected.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
     state = dict(ckpt.state)
@@ -52,8 +52,7 @@ def build_model(ckpt: Checkpoint) -> Transformer:
             raise QkvxError(f"{ckpt.path}: tensor {key} has shape {list(got)}, the spec needs {list(shape)}")
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             raise QkvxError(f"{ckpt.path}: tensor {key} holds NaN or Inf values")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    return model.eval()
+    return Transformer.from_state(ckpt.spec, state).eval()
 
 
 def _short(keys: list[str], n: int = 4) -> str:

@@ -95,6 +95,23 @@ class Transformer(nn.Module):
             x = block(x, positions, self.rope, caches[i] if caches is not None else FULL_RECOMPUTE)
         return self.lm_head(self.norm_f(x))
 
+    @classmethod
+    def from_state(cls, spec: ModelSpec, state: dict[str, Tensor]) -> "Transformer":
+        """The model owning `state`'s tensors (fp32): built on the meta device and handed the
+        tensors as they are, so a 1.2B model costs one copy of its weights, not three (init,
+        loaded file, load_state_dict copy). The caller has checked keys and shapes."""
+        with torch.device("meta"):
+            model = cls(spec)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+        if spec.tie_embeddings:  # assign replaced tok_emb.weight: tie the head to the new tensor
+            model.lm_head.weight = model.tok_emb.weight
+        if model.rope is not None:  # computed buffers (not in any state dict): build them for real
+            model.rope = Rope(spec.head_dim, spec.max_positions, spec.rope_theta)
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:
+            raise ValueError(f"tensors missing from the state: {meta[:3]}")
+        return model
+
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> "Transformer":
         """GPT-2 style init (normal(0, std), zero biases, scaled residual projections)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
