@@ -221,17 +221,29 @@ def generate(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench_out"), "--out", help="Directory for models, exports and the report."),
+    sizes: str = typer.Option("20M,100M", "--sizes", help="Comma-separated model sizes (20M, 100M)."),
+    variants: str = typer.Option("QKV,Q-K=V,MQA,Q-MQA", "--variants", help="Comma-separated paper variants."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends (default: all)."),
     contexts: str = typer.Option("256,1024,2048", "--contexts", help="Comma-separated decode contexts."),
-    repeats: int = typer.Option(5, "--repeats", help="Fresh processes per configuration."),
-    steps: int = typer.Option(24, "--steps", help="Timed decode steps per process."),
+    repeats: int = typer.Option(3, "--repeats", help="Fresh processes per configuration."),
+    steps: int = typer.Option(16, "--steps", help="Timed decode steps per context and process."),
 ) -> None:
-    """Benchmark decode ms/token: K=V vs QKV, .pte vs eager, in fresh interleaved processes."""
+    """Benchmark every variant on every backend: decode, prefill, roofline, cache bytes, export cost."""
     from qkvx.bench import run_bench, to_markdown
+    from qkvx.bench.suite import BACKENDS, SIZES, spec_for
 
-    ctx = tuple(int(c) for c in contexts.split(","))
-    if min(ctx) <= steps:
-        raise QkvxError(f"--contexts must all exceed --steps ({steps}), got {contexts}")
-    result = run_bench(out, ctx, repeats, steps, progress=lambda s: console.print(s, highlight=False))
+    names = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    ctx = tuple(sorted(_int_list(contexts, "--contexts") or []))
+    for what, given, known in (("size", names(sizes), SIZES), ("backend", names(backends or ",".join(BACKENDS)), BACKENDS)):
+        bad = [g for g in given if g not in known]
+        if bad:
+            raise QkvxError(f"unknown {what} {bad[0]!r}; known: {', '.join(known)}")
+    for v in names(variants):
+        spec_for("20M", v)  # an unknown variant fails here, in one line
+    if not ctx or ctx[0] <= steps or ctx[-1] > 2048:
+        raise QkvxError(f"--contexts must exceed --steps ({steps}) and be at most 2048, got {contexts}")
+    result = run_bench(out, tuple(names(sizes)), tuple(names(variants)), tuple(names(backends or ",".join(BACKENDS))),
+                       ctx, repeats, steps, progress=lambda s: console.print(s, highlight=False))
     print(to_markdown(result))
     console.print(f"[dim]wrote {out}/bench.md and {out}/bench.json[/]")
 

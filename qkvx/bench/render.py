@@ -1,0 +1,57 @@
+"""The bench report as Markdown (README pastes it as is)."""
+from __future__ import annotations
+
+from typing import Any
+
+from qkvx.bench.report import ratio_table
+from qkvx.bench.suite import SIZES, spec_for
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _cell(ms: dict) -> str:
+    return f"{ms['median']:.2f} [{ms['min']:.2f}-{ms['max']:.2f}]"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    ctx = result["contexts"]
+    rows = result["rows"]
+    reps = max(r["repeats"] for r in rows)
+    out = [f"Measured {result['date']} on {result['machine']}; {reps} fresh processes per configuration, "
+           f"interleaved; medians [min-max]; 1 thread; memory bandwidth (numpy copy) "
+           f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; whole run {result['wall_minutes']:.1f} min.", ""]
+    for size in [s for s in SIZES if any(r["size"] == s for r in rows)]:
+        spec = spec_for(size, "QKV")
+        out += [f"### {size}: {spec.n_layer} layers, width {spec.n_embd}, {spec.n_head} heads, "
+                f"vocab {spec.vocab_size}, {spec.param_count() / 1e6:.1f}M parameters (random weights)", "",
+                "| variant | backend | " + " | ".join(f"decode ms @{c}" for c in ctx)
+                + f" | prefill 512 tok/s | % roofline @{ctx[-1]} | cache @{ctx[-1]} (artifact) | vs QKV fp16 | peak RSS |",
+                "|---|---|" + "---|" * (len(ctx) + 5)]
+        for r in (r for r in rows if r["size"] == size):
+            d = r["decode"][str(ctx[-1])]
+            cache = "-" if d["artifact_cache_bytes"] is None else _mib(d["artifact_cache_bytes"])
+            vs = "-" if d["cache_vs_qkv_fp16"] is None else f"{d['cache_vs_qkv_fp16']:.3f}"
+            out.append(f"| {r['variant']} | {r['backend']} | " + " | ".join(_cell(r["decode"][str(c)]["ms"]) for c in ctx)
+                       + f" | {r['prefill_tokens_per_s']['median']:,.0f} | {100 * d['roofline_fraction']:.0f} % | "
+                       f"{cache} | {vs} | {_mib(r['peak_rss_bytes'])} |")
+        out.append("")
+    out += ["### Ratios (medians of the same run)", ""]
+    ratios = ratio_table(rows, ctx)
+    keys = sorted({k for e in ratios for k in e if "/" in k}, key=lambda k: (k.split("/")[0], k))
+    out += ["| size | context | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for e in ratios:
+        out.append(f"| {e['size']} | {e['context']} | " + " | ".join(f"{e[k]:.2f}x" if k in e else "-" for k in keys) + " |")
+    out += ["", "qkv_over_kv/B: QKV ms / Q-K=V ms on backend B (>1: K=V faster). eager_over_pte: eager-kv ms / "
+            ".pte fp32 ms. optimum_over_qkvx_onnx/V: optimum's QKV ONNX ms / qkvx's ONNX of variant V.", ""]
+    out += ["### Export wall time and peak RSS (one process per export)", "",
+            "| size | variant | backend | seconds | peak RSS |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["export"]:
+            out.append(f"| {r['size']} | {r['variant']} | {r['backend']} | {r['export']['seconds']:.0f} | "
+                       f"{_mib(r['export']['peak_rss_bytes'])} |")
+    out += ["", "### Goals", "", "| size | goal | measured | |", "|---|---|---|---|"]
+    for g in result["goals"]:
+        out.append(f"| {g['size']} | {g['goal']} | {g['value']} | {'met' if g['met'] else '**missed**'} |")
+    return "\n".join(out) + "\n"
