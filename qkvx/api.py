@@ -96,23 +96,15 @@ def budget(model: str | os.PathLike | None = None, preset: str | None = None, va
     artifact_bytes = plan = None
     chunk = 64
     if model is not None:
-        path = Path(model)
-        if (path / "manifest.json").is_file():  # an export: real artifact size and memory plan
-            from qkvx.export.manifest import read_manifest
-
-            m = read_manifest(path)
-            spec = ModelSpec.from_dict(m["spec"], source=str(path / "manifest.json"))
-            backend = backend or m["artifacts"][0]["format"]
-            cache_dtype = cache_dtype or m["recipe"]["kv_cache"]
-            artifact_bytes = sum(a["bytes"] for a in m["artifacts"])
-            chunk = m["export"].get("prefill_chunk", chunk)
-            if "planned_bytes" in m["export"]:
-                plan = {"context": m["max_seq_len"], "planned_bytes": m["export"]["planned_bytes"],
-                        "cache_bytes": m["cache"]["program_cache_bytes"]}
+        facts = b.read_export(model)
+        if facts is not None:  # an export: real artifact size and memory plan
+            spec, artifact_bytes, chunk, plan = facts.spec, facts.artifact_bytes, facts.chunk, facts.plan
+            backend = backend or facts.backend
+            cache_dtype = cache_dtype or facts.cache_dtype
         else:
             from qkvx.loaders import read_checkpoint
 
-            spec = read_checkpoint(path).spec
+            spec = read_checkpoint(Path(model)).spec
     elif variant is not None:
         spec = ModelSpec.from_paper_name(variant, preset=preset or "paper-300m")
     else:
@@ -124,3 +116,11 @@ def budget(model: str | os.PathLike | None = None, preset: str | None = None, va
     ctx = contexts or [spec.max_positions]
     return b.report(specs, devs, ctx, weights or "fp32", cache_dtype or "fp32", backend or "pte", chunk,
                     artifact_bytes, plan)
+
+
+def budget_measure(export_dir: str | os.PathLike, contexts: list[int]):
+    """The estimator checked on this host: for each context, the export run in a fresh process, its
+    measured peak RSS beside the estimate (qkvx.budget_measure.MeasureRow)."""
+    from qkvx.budget_measure import measure_artifact
+
+    return measure_artifact(export_dir, contexts)

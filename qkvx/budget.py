@@ -2,18 +2,22 @@
 app needs, whether it fits the device's app budget, the longest context that fits, and the decode
 speed ceiling the device's memory bandwidth allows. Reads specs, profiles and artifacts; builds nothing.
 
-Memory model (all terms exact except the activation estimate, which a .pte's memory plan replaces):
+Memory model (peak resident bytes; checked against measured peak RSS by qkvx.budget_measure):
   total(ctx) = weights + kv_cache(ctx) + activations(ctx) + runtime
   weights     artifact file size when an export is given; else parameters x bytes per weight
-  kv_cache    cache_layout(spec, cache dtype).bytes_at(ctx)   (scales included)
-  activations decode-time working set for one prefill chunk of T tokens (see activation_bytes)
-  runtime     the backend's own resident memory (RUNTIME_BYTES: an estimate, not yet measured)
+  kv_cache    cache_layout(spec, cache dtype).bytes_at(ctx)   (scales included); a .pte holds the
+              cache buffers of its memory plan, sized for its max_seq_len whatever the context
+  activations decode-time working set for one prefill chunk of T tokens (see activation_bytes), or
+              a .pte's memory plan; onnxruntime adds its attention scores and the present copy of the cache
+  runtime     the backend itself (code, session) plus the extra copies of the weights it keeps
+              (BackendMemory: measured; a device app and this host's Python process differ)
 Decode ceiling: every weight and every cached byte is read once per token, so
   tokens/s <= bandwidth / (weights + kv_cache(ctx)).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from qkvx.errors import QkvxError
@@ -22,9 +26,56 @@ from qkvx.spec import ModelSpec, cache_layout
 # Bytes per weight of the Linear layers by weight scheme (scales included: int8 per output channel,
 # int4 groups of 32 with an fp32 scale each). Embeddings stay fp32 unless the scheme says fp16.
 WEIGHT_SCHEMES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
-# Resident memory of each runtime itself (program, kernels, thread pool, allocator slack). ESTIMATES
-# for the C++ runtimes on a device; not yet checked against measured RSS (issue 6, part 3).
-RUNTIME_BYTES = {"pte": 16 * 2**20, "onnx": 48 * 2**20}
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class BackendMemory:
+    """How one runtime holds a model, beyond the model's own tensors (all measured: see below)."""
+    base_bytes: int  # the process with the runtime loaded, before any model
+    session_bytes: int  # added by loading and running any model: code paged in, session state
+    extra_weight_copies: float  # resident bytes beyond one copy, per byte of packable (Linear) weight, at peak
+    cache_copies: int = 1  # caches alive during a call (onnxruntime: past inputs + present outputs)
+    score_copies: int = 0  # [n_head, chunk, context] fp32 tensors alive at once (0: fused SDPA)
+
+
+# Measured 2026-11-29 on this repo's host (x86-64, 2 cores, Linux; Python 3.11, torch 2.13,
+# executorch 1.5.1, onnxruntime 1.32) with `python -m qkvx.budget_measure --worker`: one fresh
+# process per run, one thread, VmRSS before loading and VmHWM after prefill + decode. Models:
+# a 1x16 model at context 16 (session), the trained demo (4x128) and a random 92.7M-parameter
+# Q-K=V (14x768) at 256..2048 tokens (weights, copies). `qkvx budget EXPORT --measure` re-checks them.
+#
+# HOST_PYTHON: what `qkvx budget --measure` runs, a Python process driving the pybindings.
+#   base: VmRSS after the worker's imports (torch, the runtime, qkvx): pte 367.4 MiB (importing
+#     executorch's pybindings adds 136 MiB to torch's 218), onnx 251.4 MiB.
+#   session: peak - baseline for the 1x16 model: pte 3.6 MiB, onnx 11.1 MiB (code pages, mostly).
+#   pte weights x2: the harness hands the .pte as bytes and executorch.runtime keeps them (1 copy)
+#     while XNNPACK packs its own copy of every Linear weight (lookup_table_bytes stay unpacked):
+#     92.7M model +786 MiB at load = 354 file + 85 plan + 348 packed.
+#   onnx weights x1.25: MatMul prepacking leaves 60-125 MiB of allocator slack on 353 MiB of weights
+#     (1.17-1.35x over 11 loads, median 1.23); session.disable_prepacking gives a steady 1.00x but
+#     prefills 30 % and decodes 18 % slower here, so the runtime default stays and is what is counted.
+#   onnx cache x2, scores x5: the graph concatenates past and the new rows into a present output
+#     while the past input is alive; the unfused Softmax(QK^T * s + mask) holds about 5 [n_head, T, ctx]
+#     fp32 tensors at once (expanded and tiled mask, scores, scaled, probabilities): a chunk sweep
+#     T = 64..256 at ctx 2048 on the demo grew by 4.8-5.4 such tensors.
+# DEVICE_APP: a C++ app on a device maps the artifact and links only the runtime: its Python base
+#   does not apply. base + session = the runtime's native libraries resident after a run, read from
+#   /proc/self/smaps in the same workers (pte: executorch's .so files 4.8 MiB; onnx: the
+#   onnxruntime .so 20.8 MiB), rounded up for heap and thread pool; x86-64 builds, an arm64 build
+#   is of the same order. pte weights x1.05: loading the .pte by path (mmap, as the C++ runner
+#   does) keeps only XNNPACK's packed copy; the mapped pages being packed add a 17 MiB transient
+#   on 354 MiB (92.7M model). onnxruntime loads the same way from C++ as from Python: same copies.
+HOST_PYTHON_BACKENDS = {
+    "pte": BackendMemory(int(367.4 * MiB), int(3.6 * MiB), 1.0),
+    "onnx": BackendMemory(int(251.4 * MiB), int(11.1 * MiB), 0.25, cache_copies=2, score_copies=5),
+}
+DEVICE_BACKENDS = {
+    "pte": BackendMemory(5 * MiB, 1 * MiB, 0.05),
+    "onnx": BackendMemory(21 * MiB, 1 * MiB, 0.25, cache_copies=2, score_copies=5),
+}
+# A device runtime's own bytes, before the weight copies it makes (the first version's table).
+RUNTIME_BYTES = {k: b.base_bytes + b.session_bytes for k, b in DEVICE_BACKENDS.items()}
 MAX_CONTEXT_SEARCH = 2**24
 COMPARE_VARIANTS = ("QKV", "Q-K=V", "GQA-4", "MQA", "Q-GQA-4", "Q-MQA")
 
@@ -47,6 +98,7 @@ class BudgetRow:
     decode_tokens_per_s_ceiling: float
     weights_source: str  # "artifact" | "estimate"
     activation_source: str  # "pte plan" | "estimate"
+    weight_copies_bytes: int = 0  # the part of runtime_bytes that is the runtime's extra weight copies
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,34 +116,59 @@ def weight_bytes(spec: ModelSpec, scheme: str = "fp32") -> int:
     return int(linear * WEIGHT_SCHEMES[scheme] + (embed + head) * emb_bytes)
 
 
-def activation_bytes(spec: ModelSpec, context: int, chunk: int = 64) -> int:
+def lookup_table_bytes(spec: ModelSpec, scheme: str = "fp32") -> int:
+    """Tables only ever gathered from (learned positions; the token embedding unless the head is tied
+    to it): no runtime packs them, so they are resident once (92.7M .pte: 348 of 354 MiB packed)."""
+    C = spec.n_embd
+    n = (spec.max_positions * C if spec.positions == "learned" else 0) + (0 if spec.tie_embeddings else spec.vocab_size * C)
+    return n * (2 if scheme == "fp16" else 4)
+
+
+def activation_bytes(spec: ModelSpec, context: int, chunk: int = 64, score_copies: int = 0) -> int:
     """Decode working set (fp32) for a prefill chunk of `chunk` tokens at `context`: the residual
-    stream and its normed copy, q/k/v, the attention output, the MLP hidden state(s), the logits, and
-    where k = v with RoPE the one-layer transient of rotated keys and sliced values [context, G, D]."""
+    stream and its normed copy, q/k/v, the attention output, the MLP hidden state(s), the logits,
+    where k = v with RoPE the one-layer transient of rotated keys and sliced values [context, G, D],
+    and `score_copies` unfused attention-score tensors [n_head, chunk, context]."""
     T, C = min(chunk, context), spec.n_embd
     qkv = spec.q_dim + 2 * spec.kv_dim
     mlp = spec.n_inner * (3 if spec.mlp == "swiglu" else 2)
     per_chunk = T * (3 * C + qkv + spec.q_dim + mlp + spec.vocab_size)
     rope_read = 2 * context * spec.kv_dim if spec.kv_shared and spec.positions == "rope" else 0
-    return 4 * (per_chunk + rope_read)
+    scores = score_copies * spec.n_head * T * context
+    return 4 * (per_chunk + rope_read + scores)
+
+
+def backend_memory(backend: str, host_python: bool = False) -> BackendMemory:
+    table = HOST_PYTHON_BACKENDS if host_python else DEVICE_BACKENDS
+    return table.get(backend, table["pte"])
 
 
 def budget_row(spec: ModelSpec, device, context: int, weights: str = "fp32", cache_dtype: str = "fp32",
                backend: str = "pte", chunk: int = 64, artifact_bytes: int | None = None,
-               planned_activation_bytes: int | None = None) -> BudgetRow:
+               planned_activation_bytes: int | None = None, planned_cache_bytes: int | None = None,
+               host_python: bool = False) -> BudgetRow:
     """One report row. `device` is a qkvx.devices.DeviceProfile; `planned_activation_bytes` is a
-    .pte memory plan's arena minus its cache buffers (valid for the context it was planned at)."""
+    .pte memory plan's arena minus its cache buffers (valid for the context it was planned at) and
+    `planned_cache_bytes` those buffers, resident at their max_seq_len size from load on.
+    `host_python`: the runtime as a Python process on this host holds it (qkvx budget --measure)."""
     if context < 1:
         raise QkvxError(f"context must be >= 1, got {context}")
     layout = cache_layout(spec, cache_dtype)
+    mem = backend_memory(backend, host_python)
     w = artifact_bytes if artifact_bytes is not None else weight_bytes(spec, weights)
-    runtime = RUNTIME_BYTES.get(backend, RUNTIME_BYTES["pte"])
+    copies = int(mem.extra_weight_copies * max(w - lookup_table_bytes(spec, weights), 0))
+    runtime = mem.base_bytes + mem.session_bytes + copies
 
-    def total(ctx: int, act: int | None = None) -> int:
-        return w + layout.bytes_at(ctx) + (act if act is not None else activation_bytes(spec, ctx, chunk)) + runtime
+    def working_set(ctx: int) -> int:
+        return activation_bytes(spec, ctx, chunk, mem.score_copies) + (mem.cache_copies - 1) * layout.bytes_at(ctx)
 
-    act = planned_activation_bytes if planned_activation_bytes is not None else activation_bytes(spec, context, chunk)
+    def total(ctx: int) -> int:  # at a context the artifact was not planned for: the estimate
+        return w + layout.bytes_at(ctx) + working_set(ctx) + runtime
+
+    act = planned_activation_bytes if planned_activation_bytes is not None else working_set(context)
+    kv = max(layout.bytes_at(context), planned_cache_bytes or 0)
     budget = device.app_budget_bytes
+
     def largest_fitting(limit: int) -> int:  # total() grows linearly in ctx: bisect
         lo, hi = 0, limit
         while lo < hi:
@@ -101,14 +178,16 @@ def budget_row(spec: ModelSpec, device, context: int, weights: str = "fp32", cac
 
     mem_max = largest_fitting(MAX_CONTEXT_SEARCH)
     read = w + layout.bytes_at(context)
+    row_total = int(w + kv + act + runtime)
     return BudgetRow(
         variant=spec.paper_name, device=device.name, context=context, weights_bytes=int(w),
-        kv_cache_bytes=layout.bytes_at(context), activation_bytes=int(act), runtime_bytes=runtime,
-        total_bytes=int(total(context, act)), budget_bytes=budget, fits=total(context, act) <= budget,
+        kv_cache_bytes=kv, activation_bytes=int(act), runtime_bytes=runtime,
+        total_bytes=row_total, budget_bytes=budget, fits=row_total <= budget,
         max_context=min(mem_max, spec.max_positions), max_context_memory=mem_max, bytes_read_per_token=int(read),
         decode_tokens_per_s_ceiling=device.mem_bandwidth_bytes_per_s / read,
         weights_source="artifact" if artifact_bytes is not None else "estimate",
         activation_source="pte plan" if planned_activation_bytes is not None else "estimate",
+        weight_copies_bytes=copies,
     )
 
 
@@ -123,7 +202,8 @@ def compare_specs(spec: ModelSpec, variants: Iterable[str] = COMPARE_VARIANTS) -
 
 def report(specs: list[ModelSpec], devices: list, contexts: list[int], weights: str = "fp32",
            cache_dtype: str = "fp32", backend: str = "pte", chunk: int = 64,
-           artifact_bytes: int | None = None, plan: dict | None = None) -> list[BudgetRow]:
+           artifact_bytes: int | None = None, plan: dict | None = None,
+           host_python: bool = False) -> list[BudgetRow]:
     """Rows for every (variant, device, context). Artifact size and plan apply only to the single
     spec they came from; the plan only at the context it was planned for."""
     rows = []
@@ -131,9 +211,39 @@ def report(specs: list[ModelSpec], devices: list, contexts: list[int], weights: 
         own = len(specs) == 1
         for device in devices:
             for ctx in contexts:
-                act = None
+                act = cache = None
                 if own and plan and ctx <= plan.get("context", 0):  # planned for the max shapes
-                    act = plan["planned_bytes"] - plan["cache_bytes"]
+                    act, cache = plan["planned_bytes"] - plan["cache_bytes"], plan["cache_bytes"]
                 rows.append(budget_row(spec, device, ctx, weights, cache_dtype, backend, chunk,
-                                       artifact_bytes if own else None, act))
+                                       artifact_bytes if own else None, act, cache, host_python))
     return rows
+
+
+@dataclass
+class ExportFacts:
+    """What a budget reads from an export directory's manifest.json."""
+    spec: ModelSpec
+    backend: str  # the first artifact's format: pte | onnx
+    cache_dtype: str
+    artifact_bytes: int
+    chunk: int  # prefill tokens per call
+    plan: dict | None  # a .pte's memory plan: context, planned_bytes, cache_bytes
+    max_seq_len: int
+
+
+def read_export(path: str | Path) -> ExportFacts | None:
+    """The facts of an export directory; None when `path` holds no manifest.json."""
+    from qkvx.export.manifest import read_manifest
+
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        return None
+    m = read_manifest(path)
+    plan = None
+    if "planned_bytes" in m["export"]:
+        plan = {"context": m["max_seq_len"], "planned_bytes": m["export"]["planned_bytes"],
+                "cache_bytes": m["cache"]["program_cache_bytes"]}
+    return ExportFacts(spec=ModelSpec.from_dict(m["spec"], source=str(path / "manifest.json")),
+                       backend=m["artifacts"][0]["format"], cache_dtype=m["recipe"]["kv_cache"],
+                       artifact_bytes=sum(a["bytes"] for a in m["artifacts"]),
+                       chunk=m["export"].get("prefill_chunk", 64), plan=plan, max_seq_len=m["max_seq_len"])

@@ -291,11 +291,29 @@ def budget(
     as_json: bool = typer.Option(False, "--json", help="Print rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write memory vs context PNG here."),
+    measure: bool = typer.Option(False, "--measure", help="Run the export on this host to each --context: estimate vs measured peak RSS."),
 ) -> None:
     """Memory budget per device: weights + KV cache + activations + runtime vs the app budget."""
     from qkvx import api
     from qkvx.budget_report import markdown_table, plot_png
 
+    if measure:
+        given = [name for name, v in (("--preset", preset), ("--variant", variant), ("--device", device),
+                 ("--weights", weights), ("--cache-dtype", cache_dtype), ("--compare", compare), ("--plot", plot)) if v]
+        if given or model is None:
+            raise QkvxError(f"--measure takes an export directory and --context, not {given[0]}" if given
+                            else "--measure needs an export directory")
+        from qkvx.budget_measure import markdown_table as measure_markdown, rich_table
+
+        with console.status("measuring (a fresh process per context)"):
+            mrows = api.budget_measure(model, _int_list(context, "--context") or [])
+        if as_json:
+            _print_json([r.to_dict() for r in mrows])
+        elif markdown:
+            print(measure_markdown(mrows))
+        else:
+            console.print(rich_table(mrows))
+        return
     if preset is not None and variant is None and not compare:
         raise QkvxError("--preset needs --variant (or --compare)")
     rows = api.budget(model, preset, variant or ("QKV" if preset and compare else None), device,
