@@ -23,8 +23,14 @@ test: install
 demo: install
 	$(PY) -m qkvx.demo --out $(DEMO)
 
+# Under 30 minutes here: every variant x backend (bench_out/bench.md), the 4096-token decode soak
+# (bench_out/soak/soak.md), and the memory estimator vs measured peak RSS on the ~100M exports.
 bench: install
 	$(QKVX) bench --out bench_out
+	$(QKVX) soak --out bench_out/soak
+	$(QKVX) budget bench_out/models/100M/q_kv/pte-fp32 --measure -c 256,1024,2048 --markdown > bench_out/budget-measure.md
+	$(QKVX) budget bench_out/models/100M/q_kv/onnx-fp32 --measure -c 256,1024,2048 --markdown >> bench_out/budget-measure.md
+	cat bench_out/budget-measure.md
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench_out .pytest_cache

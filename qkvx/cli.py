@@ -249,6 +249,23 @@ def bench(
 
 
 @app.command()
+def soak(
+    out: Path = typer.Option(Path("bench_out/soak"), "--out", help="Directory for the exports, soak.json and soak.md."),
+    steps: int = typer.Option(4096, "--steps", help="Single-token decode steps per runtime and variant."),
+    stream: str = typer.Option("random", "--stream", help="random (teacher-forced) | greedy (own argmax)."),
+) -> None:
+    """Decode soak: thousands of steps through the .pte and ONNX vs full recompute, window by window."""
+    from qkvx.soak import run_soak, soak_markdown
+
+    if stream not in ("random", "greedy") or steps < 1:
+        raise QkvxError(f"--stream must be random or greedy and --steps >= 1, got {stream!r}, {steps}")
+    result = run_soak(out, steps, stream=stream, progress=lambda s: console.print(s, highlight=False))
+    print(soak_markdown(result))
+    if not result["passed"]:
+        raise GateFailed("soak: a runtime drifted beyond the fp32 parity bound (see the table)")
+
+
+@app.command()
 def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the device profiles (devices/*.toml; host is measured now)."""
     from qkvx.devices import list_devices
