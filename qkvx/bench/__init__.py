@@ -46,8 +46,12 @@ def run_bench(out: str | Path = "bench_out", sizes=tuple(SIZES), variants=VARIAN
             points[cfg].append(json.loads(run_measured([sys.executable, "-m", "qkvx.bench.worker", arg])["stdout"]
                                           .strip().splitlines()[-1]))
         progress(f"  repeat {r + 1}/{repeats} done ({(time.perf_counter() - t_start) / 60:.1f} min)")
+    profiles = {}  # where the .pte's decode time goes at the largest context (ExecuTorch ETDump)
+    for cfg in (c for c in cfgs if c.backend == "pte-fp32"):
+        run = run_measured([sys.executable, "-m", "qkvx.bench.profile", str(paths[cfg]), str(max_seq)])
+        profiles[cfg.key] = json.loads(run["stdout"].strip().splitlines()[-1])
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "steps": steps,
-            "prefill_tokens": PREFILL_TOKENS}
+            "prefill_tokens": PREFILL_TOKENS, "pte_profiles": profiles}
     result = summarize(points, exports, paths, contexts, max(bandwidth, measure_bandwidth.__wrapped__()), meta)
     result["wall_minutes"] = (time.perf_counter() - t_start) / 60
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

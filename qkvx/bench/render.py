@@ -51,7 +51,35 @@ def to_markdown(result: dict[str, Any]) -> str:
         if r["export"]:
             out.append(f"| {r['size']} | {r['variant']} | {r['backend']} | {r['export']['seconds']:.0f} | "
                        f"{_mib(r['export']['peak_rss_bytes'])} |")
+    out += profile_table(result)
     out += ["", "### Goals", "", "| size | goal | measured | |", "|---|---|---|---|"]
     for g in result["goals"]:
         out.append(f"| {g['size']} | {g['goal']} | {g['value']} | {'met' if g['met'] else '**missed**'} |")
     return "\n".join(out) + "\n"
+
+
+def profile_table(result: dict[str, Any]) -> list[str]:
+    """ETDump breakdown of a .pte fp32 decode step at the largest context, with the bandwidth each
+    part reaches: the cache through custom_sdpa, the weights through XNNPACK."""
+    from qkvx.budget import weight_bytes
+    from qkvx.spec import cache_layout
+
+    profiles = result.get("pte_profiles") or {}
+    if not profiles:
+        return []
+    top = result["contexts"][-1]
+    parts = list(next(iter(profiles.values()))["parts_ms"])
+    out = ["", f"### Where a .pte fp32 decode step goes at {top} (ExecuTorch ETDump, ms per step)", "",
+           "| model | step | " + " | ".join(parts) + " | cache read by attention | weights read by XNNPACK |",
+           "|---|---|" + "---|" * (len(parts) + 2)]
+    for key, prof in profiles.items():
+        size, variant, _ = key.split("/")
+        spec = spec_for(size, variant)
+        p = prof["parts_ms"]
+        attn = p["attention (custom_sdpa)"]
+        xnn = p["XNNPACK delegate (Linear, ...)"]
+        cache_gbs = cache_layout(spec).bytes_at(top) / (attn * 1e6) if attn else 0.0
+        weights_gbs = weight_bytes(spec) / (xnn * 1e6) if xnn else 0.0
+        out.append(f"| {size} {variant} | {prof['total_ms']:.2f} | " + " | ".join(f"{p[k]:.2f}" for k in parts)
+                   + f" | {cache_gbs:.1f} GB/s | {weights_gbs:.1f} GB/s |")
+    return out
