@@ -49,6 +49,7 @@ class Recipe:
     int8_preset: str | None = None  # onnx int8: optimum preset; None = from the device, else the host
     quantize_lm_head: bool = False  # the (often tied) output projection, quantized or kept fp32
     kv_cache: str = "fp32"  # fp32 | int8 (symmetric, one scale per token and kv head)
+    fused_attention: bool = False  # onnx: onnxruntime's MultiHeadAttention, the one cache as key and value
     max_seq_len: int | None = None  # None: the model's max_positions
     prefill_chunk: int = 64
     gates: Gates = field(default_factory=Gates)
@@ -70,6 +71,8 @@ class Recipe:
             raise QkvxError(f"{src}: group_size must be a power of two, got {self.group_size}")
         if self.kv_cache not in KV_CACHE:
             raise QkvxError(f"{src}: kv_cache {self.kv_cache!r} unknown; known: {', '.join(KV_CACHE)}")
+        if self.fused_attention and self.format != "onnx":
+            raise QkvxError(f"{src}: fused_attention is an ONNX option (a .pte always uses custom_sdpa)")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise QkvxError(f"{src}: max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.prefill_chunk < 2:

@@ -47,10 +47,11 @@ def artifact_path(out: Path, cfg: Config) -> Path:
     if cfg.backend == "optimum-onnx":
         return out / "models" / cfg.size / "optimum" / "model.onnx"
     base = model_dir(out, cfg.size, cfg.variant)
-    if cfg.backend == "eager-kv":
+    backend = BACKENDS[cfg.backend]
+    if backend.format == "eager":
         return base / "model"
-    fmt = BACKENDS[cfg.backend][2]
-    return base / cfg.backend / ("model.pte" if fmt == "pte" else "model.onnx")
+    folder = backend.artifact_of or cfg.backend
+    return base / folder / ("model.pte" if backend.format == "pte" else "model.onnx")
 
 
 def _ensure_model(out: Path, size: str, variant: str) -> Path:
@@ -92,7 +93,11 @@ def ensure_artifact(out: Path, cfg: Config) -> dict | None:
     if cfg.backend == "optimum-onnx":
         return _ensure_optimum(out, cfg.size)
     model = _ensure_model(out, cfg.size, cfg.variant)
-    recipe = BACKENDS[cfg.backend][0]
+    backend = BACKENDS[cfg.backend]
+    if backend.artifact_of:  # the same file under other session options: its export, built once
+        ensure_artifact(out, Config(cfg.size, cfg.variant, backend.artifact_of))
+        return None
+    recipe = backend.recipe
     if recipe is None:
         return None
     dest = model_dir(out, cfg.size, cfg.variant) / cfg.backend

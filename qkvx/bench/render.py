@@ -51,6 +51,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         if r["export"]:
             out.append(f"| {r['size']} | {r['variant']} | {r['backend']} | {r['export']['seconds']:.0f} | "
                        f"{_mib(r['export']['peak_rss_bytes'])} |")
+    out += ablation_table(result)
     out += profile_table(result)
     out += ["", "### Goals", "", "| size | goal | measured | |", "|---|---|---|---|"]
     for g in result["goals"]:
@@ -82,4 +83,27 @@ def profile_table(result: dict[str, Any]) -> list[str]:
         weights_gbs = weight_bytes(spec) / (xnn * 1e6) if xnn else 0.0
         out.append(f"| {size} {variant} | {prof['total_ms']:.2f} | " + " | ".join(f"{p[k]:.2f}" for k in parts)
                    + f" | {cache_gbs:.1f} GB/s | {weights_gbs:.1f} GB/s |")
+    return out
+
+
+def ablation_table(result: dict[str, Any]) -> list[str]:
+    """What each onnxruntime step buys on ABLATION_MODEL, against the .pte of the same model."""
+    from qkvx.bench.suite import ABLATION_MODEL
+
+    size, variant = ABLATION_MODEL
+    ctx = result["contexts"]
+    steps = [("onnx-fp32-noopt", "dynamo graph, onnxruntime optimizations off"),
+             ("onnx-fp32", "+ onnxruntime graph optimizations (default; recipe onnx-fp32)"),
+             ("onnx-fp32-mha", "+ fused MultiHeadAttention, the one cache as key and value (recipe onnx-fp32-mha)"),
+             ("onnx-fp32-mha-iobind", "+ IO binding (presents stay OrtValues)"),
+             ("pte-fp32", "reference: the .pte (ExecuTorch, XNNPACK + custom_sdpa)")]
+    rows = {r["backend"]: r for r in result["rows"] if (r["size"], r["variant"]) == (size, variant)}
+    if not all(b in rows for b, _ in steps):
+        return []
+    pte = {c: rows["pte-fp32"]["decode"][str(c)]["ms"]["median"] for c in ctx}
+    out = ["", f"### What each onnxruntime step buys ({size} {variant}, decode ms/token, x = vs the .pte)", "",
+           "| step | " + " | ".join(f"@{c}" for c in ctx) + " |", "|---|" + "---|" * len(ctx)]
+    for b, label in steps:
+        cells = [f"{rows[b]['decode'][str(c)]['ms']['median']:.2f} ({rows[b]['decode'][str(c)]['ms']['median'] / pte[c]:.2f}x)" for c in ctx]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out

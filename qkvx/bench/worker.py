@@ -25,11 +25,12 @@ from qkvx.bench.peak import vm_hwm
 class _Ort:
     """onnxruntime via ort_feed.OrtStepper: qkvx's graphs and optimum's share the naming contract."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, optimize: bool = True, io_binding: bool = False):
         from qkvx.harness.ort import ort_session
-        from qkvx.harness.ort_feed import OrtStepper
+        from qkvx.harness.ort_feed import IoBoundStepper, OrtStepper
 
-        self.stepper = OrtStepper(ort_session(path, threads=1))
+        session = ort_session(path, threads=1, optimize=optimize)
+        self.stepper = IoBoundStepper(session) if io_binding else OrtStepper(session)
 
     def prefill(self, tokens: np.ndarray) -> None:
         self.stepper.reset()
@@ -37,8 +38,7 @@ class _Ort:
 
     def seek(self, pos: int) -> None:
         s = self.stepper
-        s.past = {n: np.zeros((1, h, pos, d), dt) for n, ((h, d), dt) in s.shapes.items()}
-        s.pos = pos
+        s.load_past({n: np.zeros((1, h, pos, d), dt) for n, ((h, d), dt) in s.shapes.items()}, pos)
 
     def decode(self, token: int) -> int:
         return int(self.stepper.step(np.array([token]))[-1].argmax())
@@ -53,7 +53,7 @@ class _Torch:
         torch.set_num_threads(1)
         from qkvx.harness.runners import get_runner
 
-        if backend.startswith("pte"):
+        if backend.startswith("pte"):  # pte-fp32, pte-8da4w
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
             _unsafe_reset_threadpool(1)
@@ -76,7 +76,10 @@ class _Torch:
 
 def measure(backend: str, path: Path, contexts: list[int], steps: int, prefill_tokens: int,
             max_seq_len: int) -> dict:
-    rt = _Ort(path) if "onnx" in backend else _Torch(backend, path, max_seq_len)
+    from qkvx.bench.suite import BACKENDS
+
+    b = BACKENDS[backend]
+    rt = _Ort(path, b.ort_optimize, b.io_binding) if b.format == "onnx" else _Torch(backend, path, max_seq_len)
     prompt = np.random.default_rng(0).integers(0, 256, prefill_tokens)
     rt.prefill(prompt[:16])  # warm-up: first-call allocations and weight packing
     t0 = time.perf_counter()

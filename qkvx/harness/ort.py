@@ -15,14 +15,17 @@ from qkvx.harness.ort_feed import OrtStepper
 from qkvx.harness.runners import Runner, register
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session over `path`; a file it cannot load is one QkvxError line."""
+def ort_session(path: str | Path, threads: int | None = None, optimize: bool = True):
+    """An onnxruntime CPU session over `path`; a file it cannot load is one QkvxError line.
+    optimize=False turns onnxruntime's graph optimizations off (the bench measures what they buy)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer
     if threads:
         opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types

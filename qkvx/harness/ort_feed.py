@@ -86,17 +86,50 @@ class OrtStepper:
         self.reset()
 
     def reset(self) -> None:
-        self.pos = 0
-        self.past = {n: np.zeros((1, h, 0, d), dt) for n, ((h, d), dt) in self.shapes.items()}
+        self.load_past({n: np.zeros((1, h, 0, d), dt) for n, ((h, d), dt) in self.shapes.items()}, 0)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def load_past(self, past: dict[str, np.ndarray], pos: int) -> None:
+        """Continue from `past` (one array per past input, `pos` positions long)."""
+        self.past, self.pos = past, pos
+
+    def _check(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if len(tokens) == 0:
             raise ValueError("nothing to run: empty token sequence")
         if self.max_seq_len is not None and self.pos + len(tokens) > self.max_seq_len:
             raise ValueError(f"context overflow: {self.pos} cached + {len(tokens)} new tokens exceed "
                              f"max_seq_len {self.max_seq_len}")
+        return tokens
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = self._check(tokens)
         logits, *present = self.session.run(self.output_names, build_feed(tokens, self.pos, self.past))
         self.past = dict(zip(self.past_names, present, strict=True))
         self.pos += len(tokens)
         return logits[0]
+
+
+class IoBoundStepper(OrtStepper):
+    """OrtStepper over IO binding: each step's presents stay onnxruntime OrtValues, bound as the
+    next step's past without a round trip through numpy; only the logits are read out."""
+
+    def load_past(self, past: dict[str, np.ndarray], pos: int) -> None:
+        from onnxruntime import OrtValue
+
+        self.past = {n: OrtValue.ortvalue_from_numpy(a) for n, a in past.items()}
+        self.pos = pos
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = self._check(tokens)
+        io = self.session.io_binding()
+        for name, array in build_feed(tokens, self.pos, {}).items():
+            io.bind_cpu_input(name, array)
+        for name, value in self.past.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        logits, *present = io.get_outputs()
+        self.past = dict(zip(self.past_names, present, strict=True))
+        self.pos += len(tokens)
+        return logits.numpy()[0]

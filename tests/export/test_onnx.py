@@ -137,6 +137,38 @@ def test_fused_attention_reads_the_one_cache_as_key_and_value(tmp_path, family, 
         assert (node.input[1] == f"present.{i}.kv") == (family == "gpt")  # keys: the same tensor
 
 
+def test_io_binding_stepper_matches_full_recompute(tmp_path):
+    """IoBoundStepper (presents kept as OrtValues, bound as the next past) on the fused RoPE K=V
+    graph: prefill + 8 decode steps agree with the eager full recompute at the fp32 bound."""
+    from qkvx.harness.ort_feed import IoBoundStepper
+
+    model = _model("Q-K=V", "llama")
+    export_onnx(model, tmp_path, fused_attention=True)
+    stepper = IoBoundStepper(ort_session(tmp_path / "model.onnx"))
+    tokens = torch.randint(0, DIMS["vocab_size"], (PREFILL + 8,), generator=torch.Generator().manual_seed(2))
+    got = np.concatenate([stepper.step(tokens[:PREFILL].numpy())]
+                         + [stepper.step(tokens[i:i + 1].numpy()) for i in range(PREFILL, PREFILL + 8)])
+    with torch.no_grad():
+        ref = model(tokens[None])[0].numpy()
+    assert got.shape == ref.shape and stepper.pos == PREFILL + 8
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-5
+
+
+def test_recipe_onnx_fp32_mha_exports_the_fused_graph_and_validates(tmp_path):
+    import onnx
+
+    from qkvx.api import export
+    from qkvx.recipes import Recipe
+
+    src = qkvx.save(_model("Q-K=V", "gpt"), tmp_path / "m")
+    manifest = export(src, "onnx-fp32-mha", tmp_path / "out")
+    assert manifest["parity"]["onnx"]["passed"] and manifest["recipe"]["fused_attention"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out/model.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == DIMS["n_layer"]
+    with pytest.raises(QkvxError, match="fused_attention is an ONNX option"):
+        Recipe(name="bad", format="pte", backend="xnnpack", fused_attention=True)
+
+
 def test_export_is_deterministic_and_external_data_works(exported, tmp_path):
     model, path = exported("llama", "Q-K=V")
     assert export_onnx(model, tmp_path)[0] == ["model.onnx"]
