@@ -25,6 +25,7 @@ demo: install
 
 # Under 30 minutes here: every variant x backend (bench_out/bench.md), the 4096-token decode soak
 # (bench_out/soak/soak.md), and the memory estimator vs measured peak RSS on the ~100M exports.
+bench: export PYTHONUNBUFFERED = 1  # progress lines reach a log as they happen
 bench: install
 	$(QKVX) bench --out bench_out
 	$(QKVX) soak --out bench_out/soak
