@@ -43,8 +43,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     out += ["| size | context | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for e in ratios:
         out.append(f"| {e['size']} | {e['context']} | " + " | ".join(f"{e[k]:.2f}x" if k in e else "-" for k in keys) + " |")
-    out += ["", "qkv_over_kv/B: QKV ms / Q-K=V ms on backend B (>1: K=V faster). eager_over_pte: eager-kv ms / "
-            ".pte fp32 ms. optimum_over_qkvx_onnx/V: optimum's QKV ONNX ms / qkvx's ONNX of variant V.", ""]
+    out += ["", "qkv_over_kv/B: QKV ms / Q-K=V ms on backend B (>1: K=V faster). E_over_pte: eager backend E's ms / "
+            ".pte fp32 ms (eager-kv: qkvx's static cache with the llama custom ops, the same attention kernel as "
+            "the .pte; eager-cat: past/present in plain ops, torch.cat per step). onnx_over_pte: ONNX fp32 ms / .pte fp32 ms. optimum_over_qkvx_onnx/V: optimum's QKV ONNX ms / qkvx's ONNX of variant V.", ""]
     out += ["### Export wall time and peak RSS (one process per export)", "",
             "| size | variant | backend | seconds | peak RSS |", "|---|---|---|---|---|"]
     for r in rows:

@@ -29,7 +29,8 @@ class Backend:
 
 
 BACKENDS = {
-    "eager-kv": Backend(None, "fp32", "eager"),
+    "eager-kv": Backend(None, "fp32", "eager"),  # qkvx's decode form in eager: static cache, llama custom ops
+    "eager-cat": Backend(None, "fp32", "eager"),  # eager with a past/present cache in plain ops (torch.cat per step, as HF's eager generate)
     "pte-fp32": Backend("pte-fp32", "fp32", "pte"),
     "pte-8da4w": Backend("pte-8da4w", "int4", "pte"),  # the fastest quantized .pte recipe meeting its gates
     "onnx-fp32": Backend("onnx-fp32", "fp32", "onnx"),
@@ -47,6 +48,7 @@ ABLATION_MODEL = ("20M", "Q-K=V")
 # ~3.5 min (.pte 8da4w: lowering the quantized graph) and ~1 min (ONNX int8) each, so at 100M the
 # quantized backends are measured for the two forms the paper compares head to head only.
 SKIP = {("100M", v, b) for v in ("MQA", "Q-MQA") for b in ("pte-8da4w", "onnx-int8")}
+SKIP |= {(s, v, "eager-cat") for s in SIZES for v in ("MQA", "Q-MQA")}  # a second eager baseline: QKV vs Q-K=V only
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,53 @@ class _Torch:
         return int(self.runner.decode(token).argmax())
 
 
+class _EagerCat:
+    """Eager PyTorch with a past/present cache in plain ops: qkvx's ONNX decode form run eagerly,
+    concatenating each step's new rows onto the cache (the way Hugging Face's eager generate does)."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        torch.set_num_threads(1)
+        import qkvx
+        from qkvx.rewrite import OnnxDecodeModel
+
+        self.torch = torch
+        self.model = OnnxDecodeModel(qkvx.load(path)).eval()
+        spec, layout = self.model.spec, self.model.layout
+        self.shape, self.n = (1, spec.n_kv_head, 0, spec.head_dim), spec.n_layer * layout.tensors_per_layer
+
+    def seek(self, pos: int) -> None:
+        b, g, _, d = self.shape
+        self.past, self.pos = [self.torch.zeros(b, g, pos, d) for _ in range(self.n)], pos
+
+    def _run(self, tokens) -> "np.ndarray":
+        t = self.torch
+        ids = t.as_tensor(np.asarray(tokens), dtype=t.long)[None]
+        T = ids.shape[1]
+        with t.no_grad():
+            logits, *self.past = self.model(ids, t.ones(1, self.pos + T, dtype=t.long),
+                                            t.arange(self.pos, self.pos + T)[None], *self.past)
+        self.pos += T
+        return logits[0]
+
+    def prefill(self, tokens: np.ndarray) -> None:
+        self.seek(0)
+        self._run(tokens)
+
+    def decode(self, token: int) -> int:
+        return int(self._run([token])[-1].argmax())
+
+
 def measure(backend: str, path: Path, contexts: list[int], steps: int, prefill_tokens: int,
             max_seq_len: int) -> dict:
     from qkvx.bench.suite import BACKENDS
 
     b = BACKENDS[backend]
-    rt = _Ort(path, b.ort_optimize, b.io_binding) if b.format == "onnx" else _Torch(backend, path, max_seq_len)
+    if b.format == "onnx":
+        rt = _Ort(path, b.ort_optimize, b.io_binding)
+    else:
+        rt = _EagerCat(path) if backend == "eager-cat" else _Torch(backend, path, max_seq_len)
     prompt = np.random.default_rng(0).integers(0, 256, prefill_tokens)
     rt.prefill(prompt[:16])  # warm-up: first-call allocations and weight packing
     t0 = time.perf_counter()
