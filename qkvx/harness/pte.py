@@ -23,7 +23,9 @@ class PteRunner(Runner):
         load_custom_ops()  # registers llama::update_cache.out / custom_sdpa.out with the runtime
         path = Path(path)
         try:
-            self.program = Runtime.get().load_program(path.read_bytes())
+            # by path: ExecuTorch maps the file, and once XNNPACK has packed the weights the mapped
+            # pages can go; passing bytes kept a second resident copy (+354 MiB on a 93M model)
+            self.program = Runtime.get().load_program(path)
             self.method = self.program.load_method("forward")
             const = lambda n: self.program.load_method(n).execute([])[0]  # noqa: E731
             self.prefill_chunk = int(const("get_max_seq_len"))
