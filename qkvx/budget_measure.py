@@ -162,14 +162,9 @@ def rich_table(rows: list[MeasureRow]):
 # ---------------------------------------------------------------- worker (a fresh process per run)
 
 def _status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+    from qkvx.bench.peak import proc_status
+
+    return proc_status("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
 def _native_code_bytes(fmt: str) -> int:
@@ -186,24 +181,22 @@ def _native_code_bytes(fmt: str) -> int:
 
 
 def _import_runtime(fmt: str):
-    """Import torch and the runtime, one thread each; return the runner class."""
-    import torch
+    """Import torch, the runtime and its runner module, one thread each."""
+    from qkvx.harness.runners import use_one_thread
 
-    torch.set_num_threads(1)
+    use_one_thread(fmt)
     if fmt == "pte":
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
         from qkvx.rewrite import load_custom_ops
 
-        _unsafe_reset_threadpool(1)
         Runtime.get()
         load_custom_ops()
     else:
         import onnxruntime  # noqa: F401
     from qkvx.harness.runners import get_runner
 
-    return get_runner(fmt)
+    get_runner(fmt)  # the runner modules import their runtime now, before the baseline is read
 
 
 def run_worker(fmt: str, path: str, context: int, chunk: int) -> dict[str, Any]:
@@ -215,7 +208,9 @@ def run_worker(fmt: str, path: str, context: int, chunk: int) -> dict[str, Any]:
     from qkvx.export.manifest import read_manifest
     from qkvx.harness.validate import token_stream
 
-    runner_cls = _import_runtime(fmt)
+    from qkvx.harness.runners import one_thread_runner
+
+    _import_runtime(fmt)
     directory = Path(path)
     tokens, _, _ = token_stream(read_export(directory).spec, None, context)
     tokens = tokens.repeat(-(-context // len(tokens)))[:context]  # a short held-out text repeats
@@ -228,7 +223,7 @@ def run_worker(fmt: str, path: str, context: int, chunk: int) -> dict[str, Any]:
         pass
     t0 = time.perf_counter()
     art = next(a for a in read_manifest(directory)["artifacts"] if a["format"] == fmt)
-    runner = runner_cls(directory / art["file"]) if fmt == "pte" else runner_cls(directory / art["file"], threads=1)
+    runner = one_thread_runner(fmt, directory / art["file"])
     loaded = _status()
     # ORT would take a whole prompt in one call; the estimate (and an app that bounds its memory)
     # feeds `chunk` tokens per call. A .pte's chunk is its program's and already <= chunk.

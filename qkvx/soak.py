@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from qkvx.harness.runners import one_thread_runner
 from qkvx.recipes import Gates, load_recipe
 
 SOAK_DIMS = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256)  # 1.0-1.35M params: fast on one core
@@ -73,19 +73,6 @@ def export(model, runtime: str, folder: Path, max_seq_len: int) -> Path:
     from qkvx.export.onnx import export_onnx
 
     return folder / export_onnx(model, folder, max_seq_len)[0][0]
-
-
-def one_thread_runner(runtime: str, path: Path):
-    """One-thread runner: torch's and ExecuTorch's thread pools, or ORT's intra-op threads."""
-    from qkvx.harness.runners import get_runner
-
-    torch.set_num_threads(1)
-    if runtime == "pte":
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        _unsafe_reset_threadpool(1)
-        return get_runner("pte")(path)
-    return get_runner("onnx")(path, threads=1)
 
 
 @torch.no_grad()

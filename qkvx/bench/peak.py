@@ -13,12 +13,19 @@ import sys
 from pathlib import Path
 
 
+def proc_status(*keys: str) -> dict[str, int]:
+    """Memory fields of /proc/self/status (kB there), in bytes; a key the kernel lacks is 0."""
+    out = dict.fromkeys(keys, 0)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in out:
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def vm_hwm() -> int:
     """This process's peak resident set since exec, in bytes (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return proc_status("VmHWM")["VmHWM"]
 
 
 def main() -> None:

@@ -22,10 +22,11 @@ def profile_pte(path: str | Path, context: int, steps: int = 12) -> dict[str, fl
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib as pl
 
+    from qkvx.harness.runners import use_one_thread
     from qkvx.rewrite import load_custom_ops
 
     load_custom_ops()
-    pl._unsafe_reset_threadpool(1)
+    use_one_thread("pte")
     module = pl._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
     for i in range(steps):  # decode steps ending at position context - 1 (content does not change cost)
         module.forward([torch.tensor([[1]]), torch.tensor([context - steps + i])])

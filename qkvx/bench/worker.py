@@ -48,19 +48,14 @@ class _Torch:
     """A qkvx Runner (eager-kv over the checkpoint, or the .pte through ExecuTorch)."""
 
     def __init__(self, backend: str, path: Path, max_seq_len: int):
-        import torch
-
-        torch.set_num_threads(1)
-        from qkvx.harness.runners import get_runner
+        from qkvx.harness.runners import get_runner, one_thread_runner, use_one_thread
 
         if backend.startswith("pte"):  # pte-fp32, pte-8da4w
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-            _unsafe_reset_threadpool(1)
-            self.runner = get_runner("pte")(path)
+            self.runner = one_thread_runner("pte", path)
         else:
             import qkvx
 
+            use_one_thread("eager")
             self.runner = get_runner("eager-kv")(qkvx.load(path), max_seq_len)
 
     def prefill(self, tokens: np.ndarray) -> None:
@@ -81,9 +76,11 @@ class _EagerCat:
     def __init__(self, path: Path):
         import torch
 
-        torch.set_num_threads(1)
         import qkvx
+        from qkvx.harness.runners import use_one_thread
         from qkvx.rewrite import OnnxDecodeModel
+
+        use_one_thread("eager")
 
         self.torch = torch
         self.model = OnnxDecodeModel(qkvx.load(path)).eval()

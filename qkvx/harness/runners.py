@@ -122,6 +122,23 @@ def get_runner(name: str) -> Callable[..., "Runner"]:
     return RUNNERS[name]
 
 
+def use_one_thread(runtime: str) -> None:
+    """One compute thread for torch and, for a .pte, ExecuTorch's thread pool (onnxruntime takes
+    threads=1 per session). Benchmarks use it: on a shared 2-core machine 2 threads swung 3x."""
+    torch.set_num_threads(1)
+    if runtime == "pte":
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(1)
+
+
+def one_thread_runner(runtime: str, path: str | Path) -> "Runner":
+    """The `runtime` runner ("pte" | "onnx") over an artifact file, on one thread."""
+    use_one_thread(runtime)
+    cls = get_runner(runtime)
+    return cls(path, threads=1) if runtime == "onnx" else cls(path)
+
+
 def open_runner(name: str, artifact_dir: str | Path | None = None, model=None) -> Runner:
     """A runner by registry name over an export directory (or, for eager, a model)."""
     cls = get_runner(name)
