@@ -5,12 +5,13 @@ from qkvx.spec import ModelSpec, cache_layout
 __version__ = "0.1.0"
 
 
-def load(path):
+def load(path, ignore_config_keys=()):
     """Load a paper checkpoint (.pt), a Hugging Face folder or a native qkvx folder.
-    Returns the model (torch.nn.Module in eval mode) with `.spec` (its ModelSpec)."""
+    Returns the model (torch.nn.Module in eval mode) with `.spec` (its ModelSpec).
+    ignore_config_keys: paper model_config keys known not to change the model."""
     from qkvx.loaders import load as _load
 
-    return _load(path)
+    return _load(path, tuple(ignore_config_keys))
 
 
 def save(model, directory):

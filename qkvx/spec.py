@@ -60,8 +60,10 @@ class ModelSpec:
     norm_eps: float = 1e-5
     mlp: str = "gelu"
     n_inner: int | None = None  # defaults to 4 * n_embd
-    bias: bool = True
+    bias: bool = True  # every Linear's bias (and the norms', unless norm_bias says otherwise)
     tie_embeddings: bool = True
+    norm_bias: bool | None = None  # LayerNorm bias; defaults to `bias`. The paper's release keeps
+    # nn.LayerNorm's bias even with use_bias=False, so a loader sets it apart.
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -75,6 +77,8 @@ class ModelSpec:
             set_("head_dim", self.n_embd // self.n_head)
         if self.n_inner is None:
             set_("n_inner", 4 * self.n_embd)
+        if self.norm_bias is None:
+            set_("norm_bias", self.bias)
         for name in ("n_kv_head", "head_dim", "n_inner"):
             _positive_int(name, getattr(self, name))
         if self.n_head % self.n_kv_head:
@@ -130,7 +134,8 @@ class ModelSpec:
     @classmethod
     def from_paper_name(cls, name: str, preset: str | None = None, **overrides: Any) -> "ModelSpec":
         """Build a spec from a paper variant name (QKV, Q=K-V, Q-K=V, Q=K=V, GQA-g, MQA, Q-GQA-g,
-        Q-MQA) and a preset (paper-300m, paper-1.2b) or explicit fields."""
+        Q-MQA, in any spelling canonical_variant accepts) and a preset (paper-300m, paper-1.2b) or
+        explicit fields."""
         if preset is not None and preset not in PRESETS:
             raise QkvxError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         fields = dict(PRESETS[preset]) if preset else {}
@@ -172,7 +177,7 @@ class ModelSpec:
         attn = proj_out * (C + b) + (self.q_dim + b) * C
         n_mlp_in = 2 if self.mlp == "swiglu" else 1
         mlp = n_mlp_in * self.n_inner * (C + b) + (self.n_inner + b) * C
-        norm = C * (2 if self.norm == "layernorm" and self.bias else 1)
+        norm = C * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         per_layer = attn + mlp + 2 * norm
         emb = self.vocab_size * C + (self.max_positions * C if self.positions == "learned" else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * C
@@ -228,7 +233,15 @@ def cache_layout(spec: ModelSpec, dtype: str = "fp32") -> CacheLayout:
     )
 
 
+def canonical_variant(name: str) -> str:
+    """A variant name as qkvx writes it. The paper's release also writes Q-K=V as "Q!=K=V" or
+    "Q≠K=V" (q differs from k, k equals v) and uses en dashes ("Q–K=V"); case is free."""
+    text = str(name).strip().upper().replace("–", "-").replace("—", "-").replace("−", "-")
+    return {"Q!=K=V": "Q-K=V", "Q≠K=V": "Q-K=V"}.get(text, text)
+
+
 def _sharing_from_paper_name(name: str, n_head: int) -> dict[str, Any]:
+    name = canonical_variant(name)
     simple = {"QKV": ("qkv", n_head), "Q=K-V": ("qk-v", n_head), "Q-K=V": ("q-kv", n_head),
               "Q=K=V": ("q=k=v", n_head)}
     if name in simple:

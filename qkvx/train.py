@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from qkvx.errors import QkvxError
 from qkvx.loaders.native import save
 from qkvx.models.transformer import Transformer
-from qkvx.spec import ModelSpec
+from qkvx.spec import ModelSpec, canonical_variant
 
 VOCAB = 256
 HELDOUT_FRACTION = 0.1
@@ -107,7 +107,7 @@ def make_spec(variant: str, family: str = "gpt", n_layer: int = 4, n_embd: int =
     spec = ModelSpec.from_paper_name(variant, **fields)
     if kv_heads is not None and kv_heads != spec.n_kv_head:
         # from_paper_name derives the kv head count from the name; only a bare GQA name is open.
-        if variant not in ("GQA", "Q-GQA"):
+        if canonical_variant(variant) not in ("GQA", "Q-GQA"):
             raise QkvxError(f"kv_heads={kv_heads} contradicts variant {variant!r} "
                             f"({spec.n_kv_head} kv heads); use GQA-{kv_heads} / Q-GQA-{kv_heads}")
         spec = ModelSpec.from_paper_name(f"{variant}-{kv_heads}", **fields)

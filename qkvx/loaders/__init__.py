@@ -12,8 +12,9 @@ from qkvx.loaders import hf, native, paper
 from qkvx.loaders.common import Checkpoint, build_model
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Detect the format of `path` and read it (no module is built)."""
+def read_checkpoint(path: str | os.PathLike, ignore_config_keys: tuple[str, ...] = ()) -> Checkpoint:
+    """Detect the format of `path` and read it (no module is built). ignore_config_keys: paper
+    model_config keys the user vouches do not change the model (unknown keys are errors)."""
     p = Path(path)
     if not p.exists():
         raise QkvxError(f"{p}: no such file or directory")
@@ -22,14 +23,14 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if hf.is_hf(p):
         return hf.read(p)
     if p.is_file():
-        return paper.read(p)
+        return paper.read(p, tuple(ignore_config_keys))
     raise QkvxError(f"{p}: not a model (expected a paper .pt file, a Hugging Face folder with "
                     f"config.json, or a qkvx folder with {native.SPEC_FILE})")
 
 
-def load(path: str | os.PathLike):
+def load(path: str | os.PathLike, ignore_config_keys: tuple[str, ...] = ()):
     """The model (eval mode) with `.spec`, `.source` (format, path) and `.meta` set."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, ignore_config_keys)
     model = build_model(ckpt)
     model.source = {"format": ckpt.format, "path": str(ckpt.path)}
     model.meta = ckpt.meta

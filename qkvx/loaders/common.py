@@ -68,9 +68,18 @@ _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueEr
 
 
 def torch_load(path: Path) -> Any:
-    """torch.load that never runs code from the file; any failure is one QkvxError line."""
+    """torch.load that never runs code from the file; any failure is one QkvxError line.
+
+    The file is memory-mapped: a tensor's bytes are read only when it is used, so a training
+    checkpoint's optimizer state (two fp32 moments per weight) never enters memory. Files in the
+    pre-zip format (torch < 1.6) cannot be mapped and are read whole."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as e:
         why = str(e)
         if "WeightsUnpickler error:" in why:

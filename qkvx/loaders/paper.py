@@ -35,15 +35,31 @@ GPT2_RULES = [(re.compile(p), r) for p, r in [
 
 REQUIRED = ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head", "n_inner",
             "layer_norm_epsilon", "use_bias", "tie_word_embeddings")
-# Config keys that do not change what the trained model computes at inference.
-HARMLESS = {"n_kv_groups", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "attn_dropout",
-            "resid_dropout", "embd_dropout", "initializer_range", "init_std", "model_type", "variant",
-            "attention_type", "attn_type", "name", "block_size", "gradient_checkpointing", "flash",
-            "use_flash_attn", "flash_attn", "bos_token_id", "eos_token_id", "pad_token_id"}
-# Semantic keys we accept only at the value the paper architecture has.
-FIXED = {"activation_function": ("gelu",), "scale_attn_weights": (True,),
-         "scale_attn_by_inverse_layer_idx": (False,), "position_embedding_type": ("absolute", "learned")}
-
+# Keys that do not change what a trained model computes at inference, each with the reason. The
+# first six are the rest of the release's ModelConfig (its own evaluation script drops
+# use_flash_attention and the dropouts the same way).
+NEUTRAL = {
+    "n_kv_groups": "read from the attention weights' shapes, and checked against them",
+    "embd_pdrop": "dropout acts in training only", "resid_pdrop": "dropout acts in training only",
+    "attn_pdrop": "dropout acts in training only", "initializer_range": "initialization only",
+    "use_flash_attention": "F.scaled_dot_product_attention instead of the explicit masked softmax: the same math",
+    "dropout": "dropout acts in training only", "gradient_checkpointing": "training memory only",
+    "bos_token_id": "a tokenizer id", "eos_token_id": "a tokenizer id", "pad_token_id": "a tokenizer id",
+}
+# Keys known to change the math: accepted only at the paper architecture's value, refused otherwise
+# (with the reason), and never ignorable.
+MATH = {
+    "activation_function": (("gelu",), "the MLP activation (the paper's is nn.GELU, exact erf)"),
+    "scale_attn_weights": ((True,), "attention scores are scaled by 1/sqrt(head_dim)"),
+    "scale_attn_by_inverse_layer_idx": ((False,), "it rescales each layer's attention scores"),
+    "position_embedding_type": (("absolute", "learned"), "positions are a learned table (wpe)"),
+    "rotary": ((False,), "rotary positions replace the learned table"),
+    "use_rope": ((False,), "rotary positions replace the learned table"),
+    "parallel_residual": ((False,), "it changes the residual wiring"),
+    "use_rmsnorm": ((False,), "the norms are LayerNorm"),
+    "qk_norm": ((False,), "it normalizes queries and keys"),
+    "block_size": ((None,), "it must equal n_positions"),  # checked against n_positions below
+}
 # Attention layout per variant: source tensor -> [(qkvx projection, rows)], rows in units of
 # C = n_embd, D = head dim, G = g * D (the kv width). Rows are split in this order.
 Layout = dict[str, list[tuple[str, int]]]
@@ -87,13 +103,23 @@ def to_qkvx(raw: dict[str, torch.Tensor], n_layer: int, layout: Layout, C: int, 
     return {**state, **sliced}, {**renamed, **origin}
 
 
-def read(path: Path) -> Checkpoint:
+ENCODERS = ("Encoder", "ViT")
+
+
+def read(path: Path, ignore_config_keys: tuple[str, ...] = ()) -> Checkpoint:
+    """A release checkpoint: the training format (step, epoch, tokens_seen, model_state_dict,
+    optimizer_state_dict, model_config, train_config) or the published one (val_metrics instead of
+    the optimizer state). The file is mapped: the optimizer state is never read."""
     obj = torch_load(path)
+    if isinstance(obj, dict) and "model_config" not in obj and (obj.get("model") in ENCODERS or "test_accuracy" in obj):
+        raise QkvxError(f"{path}: the paper's {obj.get('model', 'encoder')} for task {obj.get('task')!r} "
+                        f"({obj.get('variant')}) is an encoder with no KV cache: qkvx exports decoder "
+                        f"language models, so there is nothing to export")
     if not isinstance(obj, dict) or not {"model_state_dict", "model_config"} <= set(obj):
         what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
         raise QkvxError(f"{path}: not a paper checkpoint (expected a dict with model_state_dict and "
                         f"model_config, got {what})")
-    sd, cfg = obj["model_state_dict"], _config(obj["model_config"], path)
+    sd, cfg = obj["model_state_dict"], _config(obj["model_config"], path, ignore_config_keys)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise QkvxError(f"{path}: model_state_dict must map names to tensors")
     raw = {k: v for k, v in strip_prefixes(sd, WRAPPER_PREFIXES, path).items() if not MASK_BUFFER.match(k)}
@@ -101,29 +127,57 @@ def read(path: Path) -> Checkpoint:
     D = C // H
     sharing, n_kv, k_tensor = _detect(raw, cfg, D, path)
     # The paper's models are GPT-2 style: learned positions, LayerNorm, exact-erf GELU (nn.GELU).
+    # Its LayerNorms keep their bias whatever use_bias says (use_bias is the Linear layers').
     spec = make_spec(path, n_layer=cfg["n_layer"], n_embd=C, n_head=H, n_kv_head=n_kv, sharing=sharing,
                      vocab_size=cfg["vocab_size"], max_positions=cfg["n_positions"], n_inner=cfg["n_inner"],
-                     norm_eps=float(cfg["layer_norm_epsilon"]), bias=cfg["use_bias"],
+                     norm_eps=float(cfg["layer_norm_epsilon"]), bias=cfg["use_bias"], norm_bias=_norm_bias(raw),
                      tie_embeddings=cfg["tie_word_embeddings"], positions="learned", norm="layernorm", mlp="gelu")
     state, origin = to_qkvx(raw, spec.n_layer, attention_layout(sharing, k_tensor, C, n_kv * D), C, path)
     check_state(spec, state, origin, path)
-    return Checkpoint(spec=spec, state=state, format="paper", path=path)
+    return Checkpoint(spec=spec, state=state, format="paper", path=path, meta=_release_meta(obj, ignore_config_keys))
 
 
-def _config(cfg: Any, path: Path) -> dict[str, Any]:
+def _norm_bias(raw: dict[str, torch.Tensor]) -> bool:
+    """Whether the LayerNorms have a bias: the release's nn.LayerNorm always has one; a checkpoint
+    without ln_f.bias (other trainers' use_bias=False) has none."""
+    return "ln_f.bias" in raw
+
+
+def _release_meta(obj: dict, ignored: tuple[str, ...]) -> dict[str, Any]:
+    """What `inspect` shows about the training run; the optimizer state is only noted, never read."""
+    scalars = {k: obj[k] for k in ("step", "epoch", "tokens_seen") if isinstance(obj.get(k), (int, float))}
+    meta: dict[str, Any] = {"release": {**scalars, "optimizer_state": "optimizer_state_dict" in obj}}
+    if isinstance(obj.get("val_metrics"), dict):
+        meta["release"]["val_metrics"] = {k: float(v) for k, v in obj["val_metrics"].items()
+                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(obj.get("train_config"), dict):
+        meta["release"]["train_config"] = {str(k): v for k, v in obj["train_config"].items()
+                                           if isinstance(v, (str, int, float, bool)) or v is None}
+    if ignored:
+        meta["ignored_config_keys"] = list(ignored)
+    return meta
+
+
+def _config(cfg: Any, path: Path, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """Validate model_config: required keys, types, no semantics we would silently get wrong."""
     if not isinstance(cfg, dict):
         raise QkvxError(f"{path}: model_config must be a dict, got {type(cfg).__name__}")
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise QkvxError(f"{path}: model_config is missing {', '.join(missing)}")
-    unknown = sorted(k for k in cfg if k not in HARMLESS and k not in FIXED and k not in REQUIRED)
+    if locked := [k for k in ignore if k in MATH or k in REQUIRED]:
+        raise QkvxError(f"{path}: model_config.{locked[0]} cannot be ignored: it changes the model "
+                        f"({MATH[locked[0]][1] if locked[0] in MATH else 'qkvx reads it'})")
+    unknown = sorted(str(k) for k in cfg if k not in NEUTRAL and k not in MATH and k not in REQUIRED
+                     and k not in ignore)
     if unknown:
-        raise QkvxError(f"{path}: model_config key(s) {', '.join(map(str, unknown))} not understood "
-                        f"(qkvx cannot tell whether they change the model)")
-    for key, allowed in FIXED.items():
-        if key in cfg and cfg[key] not in allowed:
-            raise QkvxError(f"{path}: model_config.{key}={cfg[key]!r} is not supported (only {allowed[0]!r})")
+        flags = " ".join(f"--ignore-config-key {k}" for k in unknown)
+        raise QkvxError(f"{path}: model_config key(s) {', '.join(unknown)} not known to qkvx, which cannot "
+                        f"tell whether they change the model; if they do not, pass {flags}")
+    for key, (allowed, why) in MATH.items():
+        if key in cfg and cfg[key] not in allowed and key != "block_size":
+            raise QkvxError(f"{path}: model_config.{key}={cfg[key]!r} is not supported: {why} "
+                            f"(qkvx reads only {allowed[0]!r})")
     cfg = dict(cfg)
     if cfg["n_inner"] is None:
         cfg["n_inner"] = 4 * cfg["n_embd"]  # GPT-2 convention

@@ -34,7 +34,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
 def make_norm(spec: ModelSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
         return RMSNorm(spec.n_embd, spec.norm_eps)
-    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, bias=spec.bias)
+    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, bias=spec.norm_bias)
 
 
 class MLP(nn.Module):
