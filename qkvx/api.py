@@ -27,11 +27,11 @@ def cache_summary(spec: ModelSpec, context: int | None = None) -> dict[str, Any]
     return out
 
 
-def inspect(path: str | os.PathLike) -> dict[str, Any]:
+def inspect(path: str | os.PathLike, ignore_config_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """What `qkvx inspect` reports: format, variant, spec, parameters and the KV-cache arithmetic."""
     from qkvx.loaders import load
 
-    model = load(path)
+    model = load(path, ignore_config_keys)
     spec: ModelSpec = model.spec
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     cache = cache_summary(spec)
@@ -51,43 +51,47 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def export(model: str | os.PathLike, recipe: str, out: str | os.PathLike, max_seq_len: int | None = None,
-           force: bool = False, validate: bool = True, progress=lambda stage: None) -> dict[str, Any]:
+           force: bool = False, validate: bool = True, progress=lambda stage: None,
+           tokenizer: str | os.PathLike | None = None, ignore_config_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export a model with a recipe (name or YAML path) into directory `out`; returns the manifest.
     Raises QkvxError on bad input and GateFailed (a QkvxError) when validation fails."""
     from qkvx.export.pipeline import export_model
 
     return export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
-                        progress=progress)
+                        progress=progress, tokenizer=tokenizer, ignore_config_keys=ignore_config_keys)
 
 
 def generate(artifact_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 0, runtime: str | None = None):
-    """Generate text from an export directory with the byte-level tokenizer of qkvx-trained models.
+    """Generate text from an export directory, tokenized through its tokenizer.json.
     Returns (text, Generation)."""
     from qkvx.export.manifest import read_manifest
-    from qkvx.export.pipeline import BYTE_EOS
-    from qkvx.export.tokenizer import decode, encode
     from qkvx.harness.generate import generate as run_generate
     from qkvx.harness.runners import open_runner
+    from qkvx.tokenizer import TOKENIZER_FILE, load_tokenizer
 
-    manifest = read_manifest(Path(artifact_dir))
-    if manifest["spec"]["vocab_size"] != 256:
-        raise QkvxError(f"{artifact_dir}: generate needs a byte-level model (vocab 256); this one has "
-                        f"vocab {manifest['spec']['vocab_size']}")
+    directory = Path(artifact_dir)
+    manifest = read_manifest(directory)
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise QkvxError(f"{directory}: no {TOKENIZER_FILE} to encode the prompt with (re-export with "
+                        f"--tokenizer PATH)")
+    tok = load_tokenizer(directory / TOKENIZER_FILE)
+    eos = (manifest.get("tokenizer") or {}).get("eos_ids", tok.eos_ids)
     runtime = runtime or manifest["artifacts"][0]["format"]
-    runner = open_runner(runtime, artifact_dir)
-    ids = encode(prompt)
+    runner = open_runner(runtime, directory)
+    ids = tok.encode(prompt)
     if not ids:
         raise QkvxError("empty prompt")
     if len(ids) >= runner.max_seq_len:
         raise QkvxError(f"prompt of {len(ids)} tokens does not fit the artifact's max_seq_len {runner.max_seq_len}")
-    g = run_generate(runner, ids, max_new_tokens, temperature, top_k, seed, eos_ids=(BYTE_EOS,))
-    return decode(g.new_ids), g
+    g = run_generate(runner, ids, max_new_tokens, temperature, top_k, seed, eos_ids=tuple(eos))
+    return tok.decode(g.new_ids), g
 
 
 def budget(model: str | os.PathLike | None = None, preset: str | None = None, variant: str | None = None,
            devices: list[str] | None = None, contexts: list[int] | None = None, weights: str | None = None,
-           cache_dtype: str | None = None, compare: bool = False, backend: str | None = None):
+           cache_dtype: str | None = None, compare: bool = False, backend: str | None = None,
+           ignore_config_keys: tuple[str, ...] = ()):
     """Memory-budget rows (qkvx.budget.BudgetRow) for a model (checkpoint or export directory) or a
     preset + variant, on the named devices (default: all) at the given contexts."""
     from qkvx import budget as b
@@ -104,7 +108,7 @@ def budget(model: str | os.PathLike | None = None, preset: str | None = None, va
         else:
             from qkvx.loaders import read_checkpoint
 
-            spec = read_checkpoint(Path(model)).spec
+            spec = read_checkpoint(Path(model), ignore_config_keys).spec
     elif variant is not None:
         spec = ModelSpec.from_paper_name(variant, preset=preset or "paper-300m")
     else:

@@ -139,25 +139,20 @@ def markdown_table(rows: list[MeasureRow]) -> str:
     return "\n".join(out)
 
 
-def rich_table(rows: list[MeasureRow]):
-    """The same comparison as a rich table, in MiB, with the measured vs counted baseline under it."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
+def print_measure_table(rows: list[MeasureRow]) -> None:
+    """The same comparison for a terminal or a CI log, in MiB, with the measured vs counted baseline."""
+    from qkvx.console import console, print_table
 
     mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
-    t = Table(title=f"{rows[0].artifact} ({rows[0].format}): estimate vs measured peak RSS (MiB), this host, 1 thread")
-    for col in ("context", "estimate", "measured", "error", "model: est.", "measured", "error", "weights+copies",
-                "KV", "act.", "session"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(f"{r.context:,}", mib(r.estimate_bytes), mib(r.peak_rss_bytes), f"{100 * r.error:+.1f}%",
+    print_table(f"{rows[0].artifact} ({rows[0].format}): estimate vs measured peak RSS (MiB), this host, 1 thread",
+                ("context", "estimate", "measured", "error", "model: est.", "measured", "error", "weights+copies",
+                 "KV", "act.", "session"),
+                [(f"{r.context:,}", mib(r.estimate_bytes), mib(r.peak_rss_bytes), f"{100 * r.error:+.1f}%",
                   mib(r.estimate_model_bytes), mib(r.model_peak_bytes), f"{100 * r.model_error:+.1f}%",
                   f"{mib(r.weights_bytes)}+{mib(r.weight_copies_bytes)}", mib(r.kv_cache_bytes),
-                  mib(r.activation_bytes), mib(r.session_bytes))
-    note = (f"model = peak - baseline RSS (interpreter, torch, runtime: measured {mib(rows[0].baseline_rss_bytes)} "
-            f"MiB, counted {mib(rows[0].runtime_baseline_bytes)} MiB)")
-    return Group(t, Text(note, style="dim"))
+                  mib(r.activation_bytes), mib(r.session_bytes)) for r in rows])
+    console.print(f"[dim]model = peak - baseline RSS (interpreter, torch, runtime: measured "
+                  f"{mib(rows[0].baseline_rss_bytes)} MiB, counted {mib(rows[0].runtime_baseline_bytes)} MiB)[/]")
 
 # ---------------------------------------------------------------- worker (a fresh process per run)
 

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
+from qkvx.console import console, fmt_bytes, print_table
 from qkvx.errors import GateFailed, QkvxError
 
 
@@ -70,7 +68,6 @@ app = _App(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
 
 
 @app.callback()
@@ -86,50 +83,51 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return str(n)
+IGNORE_KEY_HELP = "A paper model_config key that does not change the model (repeatable)."
 
 
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="Paper .pt checkpoint, Hugging Face folder, or qkvx folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
 ) -> None:
     """Show a model's variant, spec, parameters and KV-cache arithmetic vs the QKV baseline."""
     from qkvx.api import inspect as inspect_model
 
-    info = inspect_model(path)
+    info = inspect_model(path, tuple(ignore_config_key or ()))
     if as_json:
         _print_json(info)
         return
-    spec = info["spec"]
-    t = Table(title=f"{path}  ({info['format']})", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("variant", info["variant"])
-    t.add_row("layers / width / heads / kv heads / head dim",
-              f"{spec['n_layer']} / {spec['n_embd']} / {spec['n_head']} / {spec['n_kv_head']} / {spec['head_dim']}")
-    t.add_row("sharing / positions / norm / mlp",
-              f"{spec['sharing']} / {spec['positions']} / {spec['norm']} / {spec['mlp']}")
-    t.add_row("vocab / max positions / tied", f"{spec['vocab_size']} / {spec['max_positions']} / {spec['tie_embeddings']}")
-    t.add_row("parameters", f"{info['params']:,}")
-    t.add_row("KV tensors per layer", str(info["kv_tensors_per_layer"]))
-    base = info["qkv_baseline"]
+    spec, base = info["spec"], info["qkv_baseline"]
+    rows = [("variant", info["variant"]),
+            ("layers/width/heads", f"{spec['n_layer']} / {spec['n_embd']} / {spec['n_head']}"),
+            ("kv heads / head dim", f"{spec['n_kv_head']} / {spec['head_dim']}"),
+            ("sharing/positions", f"{spec['sharing']} / {spec['positions']}"),
+            ("norm / mlp", f"{spec['norm']} / {spec['mlp']}"),
+            ("vocab / positions", f"{spec['vocab_size']:,} / {spec['max_positions']:,}"),
+            ("tied embeddings", str(spec["tie_embeddings"])),
+            ("parameters", f"{info['params']:,}"),
+            ("KV tensors/layer", str(info["kv_tensors_per_layer"]))]
     for dt in ("fp32", "fp16"):
-        t.add_row(f"KV bytes / token ({dt})",
-                  f"{info['kv_bytes_per_token'][dt]:,}  (QKV: {base[f'kv_bytes_per_token_{dt}']:,})")
-        t.add_row(f"KV bytes at {spec['max_positions']} tokens ({dt})",
-                  f"{_bytes(info['kv_bytes_at_max_positions'][dt])}  (QKV: {_bytes(base[f'kv_bytes_at_context_{dt}'])})")
-    t.add_row("KV cache saving vs QKV", f"{info['kv_saving_percent']:.1f} %")
-    trained = (info.get("meta") or {}).get("training", {})
-    if trained:
-        t.add_row("trained", f"{trained.get('steps')} steps, seed {trained.get('seed')}: held-out perplexity "
-                             f"{trained.get('heldout_ppl')} (unigram byte model {trained.get('unigram_ppl')})")
-    console.print(t)
+        rows.append((f"KV B/token {dt}", f"{info['kv_bytes_per_token'][dt]:,} (QKV {base[f'kv_bytes_per_token_{dt}']:,})"))
+        rows.append((f"KV @{spec['max_positions']} {dt}", f"{fmt_bytes(info['kv_bytes_at_max_positions'][dt])} "
+                                                          f"(QKV {fmt_bytes(base[f'kv_bytes_at_context_{dt}'])})"))
+    rows.append(("KV saving vs QKV", f"{info['kv_saving_percent']:.1f} %"))
+    meta = info.get("meta") or {}
+    if trained := meta.get("training"):
+        rows.append(("trained", f"{trained.get('steps')} steps, seed {trained.get('seed')}"))
+        rows.append(("held-out ppl", f"{trained.get('heldout_ppl')} (unigram {trained.get('unigram_ppl')})"))
+    if release := meta.get("release"):
+        rows.append(("release step", f"{release.get('step', '-')}, epoch {release.get('epoch', '-')}, "
+                                     f"{release.get('tokens_seen', 0):,} tokens"))
+        if vm := release.get("val_metrics"):
+            rows.append(("val perplexity", f"{vm.get('perplexity', float('nan')):.2f} (loss "
+                                           f"{vm.get('loss', float('nan')):.4f}, bpc {vm.get('bpc', float('nan')):.4f})"))
+        rows.append(("optimizer state", "in the file, not read" if release.get("optimizer_state") else "none"))
+    if meta.get("ignored_config_keys"):
+        rows.append(("ignored keys", ", ".join(meta["ignored_config_keys"])))
+    print_table(f"{path} ({info['format']})", ("key", "value"), rows, header=False)
 
 
 def _train_default(name: str) -> Any:
@@ -179,18 +177,21 @@ def export(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Cache length (default: recipe, else model)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check parity vs the eager model."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json or a Hugging Face tokenizer folder, written beside the artifact."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
 ) -> None:
     """Export a model to an on-device artifact with ONE cache tensor per K=V layer."""
     from qkvx.api import export as export_model
 
     with console.status("starting") as status:
         m = export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
+                         tokenizer=tokenizer, ignore_config_keys=tuple(ignore_config_key or ()),
                          progress=lambda stage: status.update(f"[bold]{stage}[/]..."))
     art = m["artifacts"][0]
     cache = m["cache"]
-    console.print(f"[bold green]wrote[/] {out}/{art['file']} ({_bytes(art['bytes'])}), {m['variant']}: "
+    console.print(f"[bold green]wrote[/] {out}/{art['file']} ({fmt_bytes(art['bytes'])}), {m['variant']}: "
                   f"{cache['tensors_per_layer']} cache tensor(s) per layer, {cache['bytes_per_token']:,} B/token, "
-                  f"{_bytes(cache['bytes_at_context'])} at {cache['context']} tokens")
+                  f"{fmt_bytes(cache['bytes_at_context'])} at {cache['context']} tokens")
     for name, p in (m["parity"] or {}).items():
         bound = f" (bound {p['bound']:.2e})" if p["bound"] is not None else ""
         ppl = f", perplexity {p['ppl']:.3f} vs eager {p['ppl_ref']:.3f}" if p["ppl"] is not None else ""
@@ -274,13 +275,10 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     if as_json:
         _print_json([p.to_dict() for p in profiles])
         return
-    t = Table(title="device profiles")
-    for col in ("name", "device", "kind", "cores", "RAM", "app budget", "bandwidth", "qemu cpu"):
-        t.add_column(col)
-    for p in profiles:
-        t.add_row(p.name, p.device, p.kind, f"{p.cpu_cores}", _bytes(p.ram_bytes), _bytes(p.app_budget_bytes),
-                  f"{p.bandwidth_gb_s:.1f} GB/s ({p.mem_bandwidth_kind})", p.qemu_cpu or "-")
-    console.print(t)
+    rows = [(p.name, p.device, p.kind, f"{p.cpu_cores}", fmt_bytes(p.ram_bytes), fmt_bytes(p.app_budget_bytes),
+             f"{p.bandwidth_gb_s:.1f} GB/s ({p.mem_bandwidth_kind})", p.qemu_cpu or "-") for p in profiles]
+    print_table("device profiles", ("name", "device", "kind", "cores", "RAM", "app budget", "bandwidth",
+                                    "qemu cpu"), rows)
 
 
 def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
@@ -309,6 +307,7 @@ def budget(
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write memory vs context PNG here."),
     measure: bool = typer.Option(False, "--measure", help="Run the export on this host to each --context: estimate vs measured peak RSS."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
 ) -> None:
     """Memory budget per device: weights + KV cache + activations + runtime vs the app budget."""
     from qkvx import api
@@ -320,7 +319,7 @@ def budget(
         if given or model is None:
             raise QkvxError(f"--measure takes an export directory and --context, not {given[0]}" if given
                             else "--measure needs an export directory")
-        from qkvx.budget_measure import markdown_table as measure_markdown, rich_table
+        from qkvx.budget_measure import markdown_table as measure_markdown, print_measure_table
 
         with console.status("measuring (a fresh process per context)"):
             mrows = api.budget_measure(model, _int_list(context, "--context") or [])
@@ -329,49 +328,45 @@ def budget(
         elif markdown:
             print(measure_markdown(mrows))
         else:
-            console.print(rich_table(mrows))
+            print_measure_table(mrows)
         return
     if preset is not None and variant is None and not compare:
         raise QkvxError("--preset needs --variant (or --compare)")
+    ignored = tuple(ignore_config_key or ())
     rows = api.budget(model, preset, variant or ("QKV" if preset and compare else None), device,
-                      _int_list(context, "--context"), weights, cache_dtype, compare)
+                      _int_list(context, "--context"), weights, cache_dtype, compare, ignore_config_keys=ignored)
     if plot:  # the curves need many contexts, not only the ones asked for
         top = max([*(_int_list(context, "--context") or []), 4096,
                    min(2 * max(r.max_context_memory for r in rows), 2**22)])
         grid = [2**k for k in range(7, 25) if 2**k <= top]
         plot_png(api.budget(model, preset, variant or ("QKV" if preset and compare else None), device, grid,
-                            weights, cache_dtype, compare), plot)
+                            weights, cache_dtype, compare, ignore_config_keys=ignored), plot)
     if as_json:
         _print_json([r.to_dict() for r in rows])
     elif markdown:
         print(markdown_table(rows))
     else:
-        t = Table(title="memory budget")
-        for col in ("variant", "device", "context", "weights", "KV cache", "activations", "total", "budget",
-                    "fits", "max context", "decode ceiling"):
-            t.add_column(col)
-        for r in rows:
-            t.add_row(r.variant, r.device, f"{r.context:,}", _bytes(r.weights_bytes), _bytes(r.kv_cache_bytes),
-                      _bytes(r.activation_bytes), _bytes(r.total_bytes), _bytes(r.budget_bytes),
+        print_table("memory budget", ("variant", "device", "context", "weights", "KV cache", "activations",
+                                      "total", "budget", "fits", "max context", "decode ceiling"),
+                    [(r.variant, r.device, f"{r.context:,}", fmt_bytes(r.weights_bytes), fmt_bytes(r.kv_cache_bytes),
+                      fmt_bytes(r.activation_bytes), fmt_bytes(r.total_bytes), fmt_bytes(r.budget_bytes),
                       "[green]yes[/]" if r.fits else "[red]no[/]", f"{r.max_context:,}",
-                      f"{r.decode_tokens_per_s_ceiling:,.1f} tok/s")
-        console.print(t)
+                      f"{r.decode_tokens_per_s_ceiling:,.1f} tok/s") for r in rows])
     if plot:
         console.print(f"[dim]wrote {plot}[/]")
 
 
-def _parity_table(title: str, runtimes: dict) -> Table:
-    t = Table(title=title)
-    for col in ("runtime", "max |dlogit|", "rel", "bound", "top-1", "ppl", "ppl eager", "ppl change", "result"):
-        t.add_column(col)
+def _print_parity(title: str, runtimes: dict) -> None:
+    rows = []
     for name, p in runtimes.items():
         ppl = p["ppl"] is not None
-        t.add_row(name, f"{p['max_abs_dlogit']:.2e}", f"{p['rel_dlogit']:.2e}",
-                  f"{p['bound']:.2e}" if p["bound"] is not None else "-", f"{100 * p['top1_agreement']:.2f} %",
-                  f"{p['ppl']:.4f}" if ppl else "-", f"{p['ppl_ref']:.4f}" if ppl else "-",
-                  f"{100 * p['ppl_change']:+.2f} %" if ppl else "-",
-                  "[green]pass[/]" if p["passed"] else f"[red]FAIL ({', '.join(p['failed'])})[/]")
-    return t
+        rows.append((name, f"{p['max_abs_dlogit']:.2e}", f"{p['rel_dlogit']:.2e}",
+                     f"{p['bound']:.2e}" if p["bound"] is not None else "-", f"{100 * p['top1_agreement']:.2f} %",
+                     f"{p['ppl']:.4f}" if ppl else "-", f"{p['ppl_ref']:.4f}" if ppl else "-",
+                     f"{100 * p['ppl_change']:+.2f} %" if ppl else "-",
+                     "[green]pass[/]" if p["passed"] else f"[red]FAIL ({', '.join(p['failed'])})[/]"))
+    print_table(title, ("runtime", "max |dlogit|", "rel", "bound", "top-1", "ppl", "ppl eager", "ppl change",
+                        "result"), rows)
 
 
 @app.command()
@@ -385,15 +380,17 @@ def validate(
     device: Optional[str] = typer.Option(None, "--device", help="Device profile whose qemu CPU model arm64 emulates."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here (one testcase per runtime and check)."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
 ) -> None:
     """Check an exported artifact against its source model on each runtime; exit 1 when a gate fails."""
     from qkvx.harness.validate import junit_xml, validate as run
 
     names = [r.strip() for r in runtimes.split(",")] if runtimes else None
     with console.status("validating"):
-        v = run(artifact_dir, names, model, str(text) if text else None, tokens, steps, device=device)
-    console.print(_parity_table(f"{artifact_dir}: {v.stream['source']}, {v.stream['windows']} window(s) of "
-                                f"{v.stream['tokens'] // v.stream['windows']} tokens", v.runtimes))
+        v = run(artifact_dir, names, model, str(text) if text else None, tokens, steps, device=device,
+                ignore_config_keys=tuple(ignore_config_key or ()))
+    _print_parity(f"{artifact_dir}: {v.stream['source']}, {v.stream['windows']} window(s) of "
+                  f"{v.stream['tokens'] // v.stream['windows']} tokens", v.runtimes)
     if json_out:
         json_out.write_text(json.dumps({"passed": v.passed, "runtimes": v.runtimes, "stream": v.stream}, indent=2) + "\n")
     if junit:
@@ -409,13 +406,15 @@ def eval_(
     text: Optional[Path] = typer.Option(None, "--text", help="Text file (default: the held-out pydoc_data text)."),
     windows: int = typer.Option(8, "--windows", help="Windows of 128 tokens: 16 prefilled, the rest decoded."),
     model: Optional[Path] = typer.Option(None, "--model", help="The fp32 source model (default: the manifest's path)."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
 ) -> None:
     """Held-out perplexity and top-1 agreement vs the fp32 eager model, through the artifact's runtime."""
     from qkvx.harness.validate import validate as run
 
     with console.status("evaluating"):
-        v = run(artifact_dir, None, model, str(text) if text else None, None, steps=112, windows=windows)
-    console.print(_parity_table(f"{artifact_dir}: {v.stream['source']}", v.runtimes))
+        v = run(artifact_dir, None, model, str(text) if text else None, None, steps=112, windows=windows,
+                ignore_config_keys=tuple(ignore_config_key or ()))
+    _print_parity(f"{artifact_dir}: {v.stream['source']}", v.runtimes)
 
 
 emulator_app = typer.Typer(help="The arm64 emulator (qemu-user + a Debian arm64 user land) for `validate --runtimes arm64`.",

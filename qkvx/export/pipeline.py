@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,11 +19,11 @@ from qkvx.errors import GateFailed, QkvxError
 from qkvx.export import manifest as mf
 from qkvx.recipes import Recipe, load_recipe
 from qkvx.spec import cache_layout
+from qkvx.tokenizer import TOKENIZER_FILE, Tokenizer, byte_tokenizer, check_vocab, load_tokenizer
 
 Progress = Callable[[str], None]
 PARITY_PREFILL, PARITY_STEPS = 16, 64
 PARITY_TEXT_WINDOWS = 4  # byte-level models: 4 windows of held-out text (perplexity over 316 predictions)
-BYTE_EOS = 0  # byte-level models: NUL never occurs in text, so it is the end-of-sequence id
 
 
 def validation_tokens(model, n: int, seed: int = 0) -> torch.Tensor:
@@ -41,25 +40,33 @@ def validation_tokens(model, n: int, seed: int = 0) -> torch.Tensor:
 
 def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str | os.PathLike,
                  max_seq_len: int | None = None, force: bool = False, validate: bool = True,
-                 progress: Progress = lambda s: None) -> dict[str, Any]:
-    """Export `model_path` with `recipe` into directory `out`; returns the manifest."""
+                 progress: Progress = lambda s: None, tokenizer: str | os.PathLike | None = None,
+                 ignore_config_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Export `model_path` with `recipe` into directory `out`; returns the manifest. tokenizer: a
+    tokenizer.json or tokenizer folder written beside the artifact (default: the source folder's
+    own, else the byte-level one for a vocab-256 model)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out)
     if out.exists() and (not out.is_dir() or not force):  # fail before the slow part
         raise QkvxError(f"{out}: already exists (use --force to replace it)" if out.is_dir()
                         else f"{out}: exists and is not a directory")
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     progress("load")
-    model = qkvx.load(model_path)
+    model = qkvx.load(model_path, ignore_config_keys)
     spec = model.spec
+    tok = tok or _source_tokenizer(Path(model_path), spec)
+    if tok is not None:
+        check_vocab(tok, spec.vocab_size, str(model_path))
     seq = max_seq_len or recipe.max_seq_len or spec.max_positions
     if not 1 <= seq <= spec.max_positions:
         raise QkvxError(f"max_seq_len {seq} must be between 1 and the model's max_positions ({spec.max_positions})")
     t0 = time.perf_counter()
     with mf.atomic_output_dir(out, force) as tmp:
         progress(f"export {recipe.format} ({recipe.backend}, max_seq_len {seq})")
-        artifact, extra = _lower(model, recipe, seq, tmp)
+        artifact, extra = _lower(model, recipe, seq, tmp, tok.eos_ids if tok else [])
         data_files = extra.pop("data_files", [])  # ONNX external data beside the graph
-        _write_tokenizer(model, Path(model_path), tmp)
+        if tok is not None:
+            (tmp / TOKENIZER_FILE).write_text(tok.to_json(), encoding="utf-8")
         export_s = time.perf_counter() - t0
         parity = None
         if validate:
@@ -69,7 +76,9 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
         manifest = {
             "qkvx_version": qkvx.__version__,
             "source": {"path": str(Path(model_path).resolve()), "format": model.source["format"],
-                       "sha256": mf.sha256_source(Path(model_path))},
+                       "sha256": mf.sha256_source(Path(model_path)),
+                       "ignored_config_keys": list(ignore_config_keys)},
+            "tokenizer": {"file": TOKENIZER_FILE, **tok.describe()} if tok is not None else None,
             "variant": spec.paper_name,
             "spec": spec.to_dict(),
             "recipe": recipe.to_dict(),
@@ -87,11 +96,10 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
     return manifest
 
 
-def _lower(model, recipe: Recipe, seq: int, tmp: Path) -> tuple[str, dict]:
+def _lower(model, recipe: Recipe, seq: int, tmp: Path, eos: list[int]) -> tuple[str, dict]:
     if recipe.format == "pte":
         from qkvx.export.executorch import export_pte
 
-        eos = [BYTE_EOS] if model.spec.vocab_size == 256 else []
         pte, plan = export_pte(model, seq, recipe.prefill_chunk, eos_ids=eos, weights=recipe.weights,
                                group_size=recipe.group_size, quantize_lm_head=recipe.quantize_lm_head,
                                kv_cache=recipe.kv_cache)
@@ -122,15 +130,12 @@ def _artifact(tmp: Path, name: str, fmt: str, data_files: list[str]) -> dict[str
     return entry
 
 
-def _write_tokenizer(model, source: Path, tmp: Path) -> None:
-    """tokenizer.json for ExecuTorch's LLM runner: the source's own, else byte-level for vocab 256."""
-    own = source / "tokenizer.json" if source.is_dir() else None
-    if own is not None and own.is_file():
-        shutil.copyfile(own, tmp / "tokenizer.json")
-    elif model.spec.vocab_size == 256:
-        from qkvx.export.tokenizer import byte_tokenizer_json
-
-        (tmp / "tokenizer.json").write_text(byte_tokenizer_json(), encoding="utf-8")
+def _source_tokenizer(source: Path, spec) -> Tokenizer | None:
+    """The source folder's own tokenizer (a Hugging Face or qkvx folder), else the byte-level one
+    for a vocab-256 model, else none."""
+    if source.is_dir() and (source / TOKENIZER_FILE).is_file():
+        return load_tokenizer(source)
+    return byte_tokenizer() if spec.vocab_size == 256 else None
 
 
 def _validate(model, recipe: Recipe, artifact: Path) -> dict[str, dict]:

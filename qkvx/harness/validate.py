@@ -47,7 +47,7 @@ def check_artifacts(directory: Path, manifest: dict) -> None:
                 raise QkvxError(f"{path}: sha256 does not match manifest.json (the file changed after export)")
 
 
-def reference_model(manifest: dict, model: str | os.PathLike | None):
+def reference_model(manifest: dict, model: str | os.PathLike | None, ignore_config_keys: tuple[str, ...] = ()):
     import qkvx
 
     src = Path(model) if model is not None else Path(manifest["source"]["path"])
@@ -56,16 +56,25 @@ def reference_model(manifest: dict, model: str | os.PathLike | None):
     if sha256_source(src) != manifest["source"]["sha256"]:
         raise QkvxError(f"{src}: sha256 differs from the manifest's source; it is not the model this "
                         f"artifact was exported from")
-    return qkvx.load(src)
+    ignored = (*manifest["source"].get("ignored_config_keys", []), *ignore_config_keys)
+    return qkvx.load(src, tuple(dict.fromkeys(ignored)))
 
 
-def token_stream(spec, text: str | None, n_tokens: int, seed: int = 0) -> tuple[torch.Tensor, bool, str]:
-    """(tokens, is_text, description)."""
+def token_stream(spec, text: str | None, n_tokens: int, seed: int = 0, directory: Path | None = None
+                 ) -> tuple[torch.Tensor, bool, str]:
+    """(tokens, is_text, description): the --text file through the export's tokenizer.json, else
+    held-out pydoc text for byte-level models, else seeded random tokens."""
     if text is not None:
-        if spec.vocab_size != 256:
-            raise QkvxError("--text needs a byte-level model (vocab 256); use --tokens N for this one")
-        data = Path(text).read_bytes()
-        return torch.tensor(list(data[:n_tokens]), dtype=torch.long), True, f"{text} ({min(len(data), n_tokens)} bytes)"
+        from qkvx.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+        if directory is None or not (directory / TOKENIZER_FILE).is_file():
+            raise QkvxError(f"--text needs the export's {TOKENIZER_FILE} (re-export with --tokenizer PATH)")
+        try:
+            data = Path(text).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise QkvxError(f"{text}: {e.strerror}") from None
+        ids = load_tokenizer(directory / TOKENIZER_FILE).encode(data, prompt=False)[:n_tokens]
+        return torch.tensor(ids, dtype=torch.long), True, f"{text} ({len(ids)} tokens)"
     if spec.vocab_size == 256:
         from qkvx.train import split_corpus
 
@@ -90,16 +99,18 @@ def open_runtime(name: str, directory: Path, manifest: dict, device: str | None)
 
 def validate(artifact_dir: str | os.PathLike, runtimes: list[str] | None = None, model: str | os.PathLike | None = None,
              text: str | None = None, tokens: int | None = None, steps: int = 64, windows: int | None = None,
-             prefill: int = 16, device: str | None = None, gates: Gates | None = None) -> Validation:
-    """Run the artifact through each runtime against the eager reference and apply the gates."""
+             prefill: int = 16, device: str | None = None, gates: Gates | None = None,
+             ignore_config_keys: tuple[str, ...] = ()) -> Validation:
+    """Run the artifact through each runtime against the eager reference and apply the gates.
+    Results are keyed by the runtime names as passed (`ort` stays `ort`)."""
     from qkvx.harness.parity import check_parity
 
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)
     check_artifacts(directory, manifest)
-    ref = reference_model(manifest, model)
+    ref = reference_model(manifest, model, ignore_config_keys)
     fmt = manifest["artifacts"][0]["format"]
-    names = [ALIASES.get(r, r) for r in (runtimes or RUNTIMES_FOR[fmt][:1])]
+    names = list(runtimes or RUNTIMES_FOR[fmt][:1])
     if gates is None:
         from qkvx.config import typed
 
@@ -108,12 +119,15 @@ def validate(artifact_dir: str | os.PathLike, runtimes: list[str] | None = None,
     if window <= prefill:
         raise QkvxError(f"--steps {steps} leaves no decode step within max_seq_len {manifest['max_seq_len']}")
     n_windows = windows or (4 if ref.spec.vocab_size == 256 else 1)
-    stream, is_text, what = token_stream(ref.spec, text, tokens or window * n_windows)
+    stream, is_text, what = token_stream(ref.spec, text, tokens or window * n_windows, directory=directory)
+    if len(stream) <= prefill + 1:
+        raise QkvxError(f"{what}: {len(stream)} tokens; validation needs more than {prefill + 1}")
+    window = min(window, len(stream))
     n_windows = max(1, min(n_windows, len(stream) // window))
     result = Validation(str(directory), True, stream={"source": what, "tokens": window * n_windows,
                                                       "windows": n_windows, "prefill": prefill})
     for name in names:
-        runner = open_runtime(name, directory, manifest, device)
+        runner = open_runtime(ALIASES.get(name, name), directory, manifest, device)
         try:
             p = check_parity(ref, runner, stream[:window * n_windows], prefill, gates, n_windows, is_text)
         finally:

@@ -5,11 +5,13 @@ import pytest
 
 import qkvx
 from qkvx.api import export
-from qkvx.export.pipeline import BYTE_EOS
-from qkvx.export.tokenizer import decode, encode
 from qkvx.harness.generate import generate
 from qkvx.harness.pte import PteRunner
 from qkvx.harness.runners import EagerRunner
+from qkvx.tokenizer import BYTE_EOS, byte_tokenizer
+
+TOK = byte_tokenizer()
+encode, decode = TOK.encode, TOK.decode
 
 PROMPT = "The default value of the"
 NEW = 48

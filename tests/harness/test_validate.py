@@ -1,6 +1,7 @@
 """`qkvx validate`: what users put in CI. Passing artifacts pass; a changed weight fails with exit 1
 and a JUnit file that names the failed check; a file changed after export is refused."""
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -17,7 +18,8 @@ from qkvx.models.transformer import Transformer
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "qkvx", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "qkvx", *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "80"})
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +32,18 @@ def onnx_export(tmp_path_factory):
     return out
 
 
-def test_validate_passes_with_json_and_junit(onnx_export, tmp_path):
+def test_validate_passes_with_json_and_junit(onnx_export, tmp_path, fits_80):
     r = run("validate", onnx_export, "--runtimes", "ort", "--json", tmp_path / "v.json", "--junit", tmp_path / "v.xml")
     assert r.returncode == 0, r.stderr
+    fits_80(r.stdout)
     v = json.loads((tmp_path / "v.json").read_text())
-    p = v["runtimes"]["onnx"]
+    assert list(v["runtimes"]) == ["ort"]  # keyed by the name that was passed
+    p = v["runtimes"]["ort"]
     assert v["passed"] and p["passed"] and p["top1_agreement"] == 1.0
     assert p["max_abs_dlogit"] <= 1e-4 * p["max_abs_logit"] + 1e-5
     assert p["ppl"] is None and p["ppl_change"] is None  # random tokens: no perplexity
     cases = ET.parse(tmp_path / "v.xml").getroot().findall("testcase")
-    assert {(c.get("classname"), c.get("name")) for c in cases} == {("qkvx.onnx", "dlogit"), ("qkvx.onnx", "top1")}
+    assert {(c.get("classname"), c.get("name")) for c in cases} == {("qkvx.ort", "dlogit"), ("qkvx.ort", "top1")}
     assert not any(c.find("failure") is not None for c in cases)
 
 
@@ -87,10 +91,17 @@ def test_int8_onnx_on_x86_and_emulated_arm64(trained_kv, tmp_path):
     r = run("validate", out, "--runtimes", "ort,arm64", "--device", "raspberry-pi-5", "--json", tmp_path / "v.json")
     assert r.returncode == 0, r.stderr
     v = json.loads((tmp_path / "v.json").read_text())["runtimes"]
-    x86, arm = v["onnx"], v["arm64"]
+    x86, arm = v["ort"], v["arm64"]
     assert x86["passed"] and arm["passed"]
     print(f"int8 onnx: x86 ppl {x86['ppl']:.4f} top-1 {x86['top1_agreement']:.4f} max|dlogit| {x86['max_abs_dlogit']:.3g}; "
           f"arm64 ppl {arm['ppl']:.4f} top-1 {arm['top1_agreement']:.4f} max|dlogit| {arm['max_abs_dlogit']:.3g}; "
           f"ppl difference {abs(x86['ppl'] - arm['ppl']):.2e}")
     assert x86["ppl_ref"] == arm["ppl_ref"]  # the same eager reference and token stream
     assert abs(x86["ppl"] - arm["ppl"]) / x86["ppl_ref"] < 0.02
+
+
+def test_eval_table_in_80_columns(onnx_export, fits_80):
+    r = run("eval", onnx_export, "--windows", "1")
+    assert r.returncode == 0, r.stderr
+    fits_80(r.stdout)
+    assert "onnx" in r.stdout and "pass" in r.stdout
