@@ -68,7 +68,7 @@ def export(model, runtime: str, folder: Path, max_seq_len: int) -> Path:
         from qkvx.export.executorch import export_pte
 
         path = folder / "model.pte"
-        path.write_bytes(export_pte(model, max_seq_len)[0])
+        export_pte(model, path, max_seq_len)
         return path
     from qkvx.export.onnx import export_onnx
 

@@ -22,9 +22,10 @@ from qkvx.bench.suite import BACKENDS, COMMON, SIZES, Config, slug, spec_for
 QKVX = [sys.executable, "-m", "qkvx"]
 
 
-def run_measured(cmd: list, env: dict | None = None) -> dict:
+def run_measured(cmd: list, env: dict | None = None, check: bool = True) -> dict:
     """Run a Python program `[sys.executable, "-m" | "-c", ...]` to completion in a fresh process:
-    its wall seconds, its own peak RSS in bytes (VmHWM, through qkvx.bench.peak) and its stdout."""
+    its wall seconds, its own peak RSS in bytes (VmHWM, through qkvx.bench.peak), its stdout and
+    exit code. check: a failed run raises (with its stderr's tail)."""
     if cmd[0] != sys.executable or cmd[1] not in ("-m", "-c"):
         raise ValueError(f"run_measured runs Python programs only, got {cmd[:2]}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,9 +34,10 @@ def run_measured(cmd: list, env: dict | None = None) -> dict:
         t0 = time.perf_counter()
         r = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
         wall = time.perf_counter() - t0
-        if r.returncode != 0:
+        if r.returncode != 0 and check:
             raise RuntimeError(f"failed (exit {r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
-        return {"seconds": round(wall, 2), "peak_rss_bytes": int(peak.read_text()), "stdout": r.stdout}
+        return {"seconds": round(wall, 2), "peak_rss_bytes": int(peak.read_text()) if peak.exists() else 0,
+                "stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}
 
 
 def model_dir(out: Path, size: str, variant: str) -> Path:

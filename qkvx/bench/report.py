@@ -33,7 +33,7 @@ def artifact_cache_bytes(path: Path, backend: str, context: int) -> int | None:
     if fmt == "pte":
         from qkvx.export.executorch import read_plan
 
-        plan = read_plan(path.read_bytes())
+        plan = read_plan(path)
         seq = max(shape[1] for shape in plan.cache_buffers.values())  # [B, S, G, D]
         return plan.cache_bytes * context // seq
     if fmt == "onnx":

@@ -1,105 +1,181 @@
-"""Export-at-scale benchmark: a paper-1.2b-shaped model (random weights, fp32, ~4.8 GB) through
-`qkvx export --recipe onnx-fp32`, the way a user runs it; wall time and peak RSS of each step.
+"""The paper's real checkpoints at their real sizes, end to end, the way a user runs qkvx on them:
+release-format training checkpoints (random weights, AdamW state included) through inspect,
+export (with a tokenizer), generate and validate; wall time and peak RSS of every step.
 
-    python -m qkvx.bench.scale --out /tmp/scale [--preset paper-1.2b] [--variant Q-K=V]
+    python -m qkvx.bench.scale --out DIR [--parts memory,e2e,1.2b]
 
-Step 1 writes the checkpoint (built on the meta device, then filled one tensor at a time, so the
-writer holds one copy); step 2 is the export in its own process (loaders build the model on the
-meta device and take the loaded tensors as they are: one copy of the weights, see
-Transformer.from_state). A benchmark, not a test: it needs ~5 GB of disk per copy and minutes.
+memory  paper-300m Q-K=V: the file, and `qkvx inspect` / `qkvx export --no-validate` (pte-fp32,
+        onnx-fp32) peak RSS minus the interpreter's baseline (the same imports, no model), against
+        the weights' bytes: the optimizer state (2x the weights) must never be read.
+e2e     paper-300m Q-K=V and Q-MQA: export pte-8da4w-kv8 and onnx-int4-kv8 with a BPE tokenizer,
+        generate 32 tokens from a text prompt, validate.
+1.2b    paper-1.2b Q-GQA-8: export to .pte and ONNX.
+
+Every step is its own process (qkvx.bench.artifacts.run_measured: the child's own VmHWM). A
+benchmark, not a test: it writes ~20 GB of checkpoints and takes about an hour.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import shutil
 import sys
 from pathlib import Path
 
 from qkvx.bench.artifacts import QKVX, run_measured
 
-
-def write_random_checkpoint(preset: str, variant: str, out: Path, seed: int = 0) -> Path:
-    """A native checkpoint of `preset` in `variant` form with GPT-2-style random weights."""
-    import torch
-    from safetensors.torch import save_file
-
-    from qkvx.models.transformer import Transformer
-    from qkvx.spec import ModelSpec
-
-    spec = ModelSpec.from_paper_name(variant, preset=preset)
-    with torch.device("meta"):
-        shapes = {k: (v.shape, v.dtype) for k, v in Transformer(spec).state_dict().items()}
-    if spec.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, (shape, dtype) in shapes.items():
-        if len(shape) >= 2:
-            std = 0.02 / (math.sqrt(2 * spec.n_layer) if name.endswith(("o_proj.weight", "mlp.proj.weight")) else 1)
-            state[name] = torch.randn(shape, generator=gen, dtype=dtype) * std
-        else:
-            state[name] = torch.ones(shape, dtype=dtype) if "norm" in name and name.endswith("weight") else torch.zeros(shape, dtype=dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "qkvx.json").write_text(json.dumps({"spec": spec.to_dict(), "variant": spec.paper_name}, indent=2) + "\n")
-    return out
+PROMPT = "The default value of the"
+RECIPES_E2E = ("pte-8da4w-kv8", "onnx-int4-kv8")
+RECIPES_BIG = ("pte-8da4w-kv8", "onnx-int4-kv8")
+# What each command imports before it touches a model: its baseline RSS.
+BASELINE = {
+    "inspect": "import torch, qkvx.loaders, qkvx.api",
+    "pte": "import torch, qkvx.loaders, qkvx.api, qkvx.export.executorch, qkvx.quant.weights, "
+           "executorch.exir, executorch.backends.xnnpack.partition.xnnpack_partitioner, torchao.quantization; "
+           "import executorch.extension.llm.custom_ops.custom_ops",
+    "onnx": "import torch, qkvx.loaders, qkvx.api, qkvx.export.onnx, onnx, onnx_ir, onnxscript, "
+            "torch.onnx, onnxruntime",
+}
 
 
-# Step 3: the artifact runs: onnxruntime (1 thread) loads it, prefills 16 tokens, decodes 8.
-_RUN_ONNX = """
-import json, sys, time, numpy as np
-from qkvx.harness.ort import ort_session
-from qkvx.harness.ort_feed import OrtStepper
-t0 = time.perf_counter(); s = OrtStepper(ort_session(sys.argv[1], threads=1)); load = time.perf_counter() - t0
-logits = s.step(np.arange(16) + 100); times = []
-for _ in range(8):
-    t0 = time.perf_counter(); logits = s.step(np.array([int(logits[-1].argmax())])); times.append(time.perf_counter() - t0)
-print(json.dumps({"load_s": load, "decode_ms": 1e3 * sorted(times)[4], "finite": bool(np.isfinite(logits).all())}))
-"""
+def train_tokenizer(path: Path, vocab_size: int = 50257) -> Path:
+    """A byte-level BPE (GPT-2's recipe) trained on Python's help texts, with <|endoftext|>: the
+    paper's models use GPT-2's tokenizer, which this machine cannot download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qkvx.train import corpus_bytes
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = corpus_bytes().decode("utf-8")
+    tok.train_from_iterator([text[i:i + 4096] for i in range(0, len(text), 4096)],
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
 
 
-def run_scale(out: Path, preset: str = "paper-1.2b", variant: str = "Q-K=V", recipe: str = "onnx-fp32") -> dict:
-    out = Path(out)
-    ckpt, export_dir = out / "checkpoint", out / f"export-{recipe}"
-    shutil.rmtree(export_dir, ignore_errors=True)
-    code = "import sys; from pathlib import Path; from qkvx.bench.scale import write_random_checkpoint as w; " \
-           "w(sys.argv[1], sys.argv[2], Path(sys.argv[3]))"
-    write = run_measured([sys.executable, "-c", code, preset, variant, ckpt])
-    export = run_measured([*QKVX, "export", ckpt, "--recipe", recipe, "--out", export_dir, "--no-validate"])
-    files = {p.name: p.stat().st_size for p in export_dir.iterdir()}
-    run = run_measured([sys.executable, "-c", _RUN_ONNX, export_dir / "model.onnx"])
-    weights = (ckpt / "model.safetensors").stat().st_size
-    result = {"preset": preset, "variant": variant, "recipe": recipe, "checkpoint_bytes": weights,
-              "write_checkpoint": {k: write[k] for k in ("seconds", "peak_rss_bytes")},
-              "export": {k: export[k] for k in ("seconds", "peak_rss_bytes")},
-              "export_peak_rss_over_weights": export["peak_rss_bytes"] / weights, "artifact_files": files,
-              "onnxruntime": {**json.loads(run["stdout"].strip().splitlines()[-1]),
-                              **{k: run[k] for k in ("seconds", "peak_rss_bytes")}}}
-    (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+def write(path: Path, variant: str, scale: str) -> dict:
+    """A release training checkpoint of `variant` at `scale` (300m | 1.2b) in its own process."""
+    preset = {"300m": {}, "1.2b": dict(n_layer=22, n_embd=2048, n_head=32, n_inner=8192)}[scale]
+    code = ("import sys, json; from qkvx.bench.release import write_checkpoint as w; "
+            "w(sys.argv[1], sys.argv[2], scale=sys.argv[3], **json.loads(sys.argv[4]))")
+    r = run_measured([sys.executable, "-c", code, path, variant, scale, json.dumps(preset)])
+    return {"step": f"write {scale} {variant} checkpoint", **_cost(r), "file_bytes": path.stat().st_size}
 
 
-def to_markdown(r: dict) -> str:
+def _cost(r: dict) -> dict:
+    return {"seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"]}
+
+
+def _weights_bytes(ckpt: Path) -> int:
+    out = run_measured([*QKVX, "inspect", ckpt, "--json"])
+    return 4 * json.loads(out["stdout"])["params"]
+
+
+def memory(out: Path) -> dict:
+    ckpt = out / "300m-q_kv" / "checkpoint_step_7000.pt"
+    rows = [] if ckpt.exists() else [write(ckpt, "Q-K=V", "300m")]
+    weights = _weights_bytes(ckpt)
+    base = {k: run_measured([sys.executable, "-c", code])["peak_rss_bytes"] for k, code in BASELINE.items()}
+    for name, cmd, kind in (("qkvx inspect", ["inspect", ckpt], "inspect"),
+                            ("qkvx export pte-8da4w --no-validate", ["export", ckpt, "-r", "pte-8da4w", "-o",
+                                                                     out / "300m-q_kv" / "pte-8da4w", "--force",
+                                                                     "--no-validate"], "pte"),
+                            ("qkvx export pte-fp32 --no-validate", ["export", ckpt, "-r", "pte-fp32", "-o",
+                                                                    out / "300m-q_kv" / "pte-fp32", "--force",
+                                                                    "--no-validate"], "pte"),
+                            ("qkvx export onnx-fp32 --no-validate", ["export", ckpt, "-r", "onnx-fp32", "-o",
+                                                                     out / "300m-q_kv" / "onnx-fp32", "--force",
+                                                                     "--no-validate"], "onnx")):
+        r = run_measured([*QKVX, *cmd])
+        rows.append({"step": name, **_cost(r), "baseline_rss_bytes": base[kind],
+                     "over_weights": (r["peak_rss_bytes"] - base[kind]) / weights})
+    return {"checkpoint_bytes": ckpt.stat().st_size, "weights_bytes": weights, "rows": rows}
+
+
+def end_to_end(out: Path, tokenizer: Path, variants=("Q-K=V", "Q-MQA"), scale: str = "300m",
+               recipes=RECIPES_E2E) -> list[dict]:
+    rows = []
+    for variant in variants:
+        folder = out / f"{scale}-{variant.lower().replace('=', '_').replace('-', '_')}"
+        ckpt = folder / "checkpoint_step_7000.pt"
+        if not ckpt.exists():
+            rows.append(write(ckpt, variant, scale))
+        for recipe in recipes:
+            export_dir = folder / recipe
+            r = run_measured([*QKVX, "export", ckpt, "-r", recipe, "-o", export_dir, "--force", "--no-validate",
+                              "--tokenizer", tokenizer])
+            rows.append({"step": f"{scale} {variant} export {recipe}", **_cost(r),
+                         "artifact_bytes": sum(p.stat().st_size for p in export_dir.iterdir())})
+            r = run_measured([*QKVX, "generate", export_dir, "-p", PROMPT, "-n", "32"])
+            rows.append({"step": f"{scale} {variant} generate 32 ({recipe})", **_cost(r),
+                         "output": r["stdout"].strip()[:120]})
+            r = run_measured([*QKVX, "validate", export_dir, "--json", folder / f"validate-{recipe}.json"], check=False)
+            v = json.loads((folder / f"validate-{recipe}.json").read_text()) if r["returncode"] in (0, 1) else {}
+            rows.append({"step": f"{scale} {variant} validate {recipe}", **_cost(r), "exit": r["returncode"],
+                         "runtimes": v.get("runtimes", {})})
+    return rows
+
+
+def to_markdown(result: dict) -> str:
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
-    return "\n".join([
-        f"{r['preset']} {r['variant']} (random weights, fp32 checkpoint {gb(r['checkpoint_bytes'])}), recipe {r['recipe']}:", "",
-        "| step | wall time | peak RSS |", "|---|---|---|",
-        f"| write checkpoint | {r['write_checkpoint']['seconds']:.0f} s | {gb(r['write_checkpoint']['peak_rss_bytes'])} |",
-        f"| `qkvx export` | {r['export']['seconds']:.0f} s | {gb(r['export']['peak_rss_bytes'])} "
-        f"({r['export_peak_rss_over_weights']:.2f}x the weights) |",
-        f"| onnxruntime: load, prefill 16, decode 8 (1 thread) | {r['onnxruntime']['seconds']:.0f} s (load "
-        f"{r['onnxruntime']['load_s']:.0f} s, decode {r['onnxruntime']['decode_ms']:.0f} ms/token) | "
-        f"{gb(r['onnxruntime']['peak_rss_bytes'])} |", "",
-        "Artifact files: " + ", ".join(f"{n} {gb(b)}" for n, b in sorted(r["artifact_files"].items())), ""])
+    lines = []
+    if "memory" in result:
+        m = result["memory"]
+        lines += [f"paper-300m Q-K=V training checkpoint: {gb(m['checkpoint_bytes'])} on disk, weights "
+                  f"{gb(m['weights_bytes'])} (fp32)", "",
+                  "| step | wall time | peak RSS | baseline | (peak - baseline) / weights |", "|---|---|---|---|---|"]
+        for r in m["rows"]:
+            extra = (f"{gb(r['baseline_rss_bytes'])} | {r['over_weights']:.2f}x" if "over_weights" in r else "- | -")
+            lines.append(f"| {r['step']} | {r['seconds']:.0f} s | {gb(r['peak_rss_bytes'])} | {extra} |")
+        lines.append("")
+    for part in ("e2e", "1.2b"):
+        if part not in result:
+            continue
+        lines += ["| step | wall time | peak RSS | result |", "|---|---|---|---|"]
+        for r in result[part]:
+            lines.append(f"| {r['step']} | {r['seconds']:.0f} s | {gb(r['peak_rss_bytes'])} | {_what(r)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _what(r: dict) -> str:
+    if "file_bytes" in r:
+        return f"{gb_(r['file_bytes'])} file"
+    if "artifact_bytes" in r:
+        return f"{gb_(r['artifact_bytes'])} written"
+    if "runtimes" in r:
+        parts = [f"{n}: top-1 {p['top1_agreement']:.3f}, {'pass' if p['passed'] else 'FAIL ' + ','.join(p['failed'])}"
+                 for n, p in r["runtimes"].items()]
+        return "; ".join(parts) or f"exit {r['exit']}"
+    return r.get("output", "").replace("|", "\\|").replace("\n", " ")[:80]
+
+
+def gb_(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parts", default="memory,e2e,1.2b")
+    a = ap.parse_args(argv)
+    parts = a.parts.split(",")
+    result: dict = {}
+    tokenizer = a.out / "tokenizer" / "tokenizer.json"
+    if not tokenizer.exists() and {"e2e", "1.2b"} & set(parts):
+        train_tokenizer(tokenizer)
+    if "memory" in parts:
+        result["memory"] = memory(a.out)
+    if "e2e" in parts:
+        result["e2e"] = end_to_end(a.out, tokenizer)
+    if "1.2b" in parts:
+        result["1.2b"] = end_to_end(a.out, tokenizer, ("Q-GQA-8",), "1.2b", RECIPES_BIG)
+    (a.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(to_markdown(result))
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--preset", default="paper-1.2b")
-    ap.add_argument("--variant", default="Q-K=V")
-    ap.add_argument("--recipe", default="onnx-fp32")
-    a = ap.parse_args()
-    print(to_markdown(run_scale(a.out, a.preset, a.variant, a.recipe)))
+    main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,14 +51,24 @@ class PtePlan:
                 "planned_bytes": self.planned_bytes, "operators": self.operators}
 
 
-def read_plan(pte: bytes) -> PtePlan:
-    """Read the forward plan of a serialized program (no runtime needed)."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
+def read_plan(pte: bytes | str | Path) -> PtePlan:
+    """Read the forward plan of a serialized program (bytes or a path), no runtime needed. Only
+    the program flatbuffer is read: constants and delegate payloads (the weights) are segments after
+    it, and deserializing them would copy the whole file into memory twice."""
+    from executorch.exir._serialize._program import _flatbuffer_to_program, _get_extended_header
 
-    if pte[4:6] != b"ET":  # flatbuffer file identifier "ET" + schema version
+    head = pte[:64] if isinstance(pte, bytes) else Path(pte).open("rb").read(64)
+    if head[4:6] != b"ET":  # flatbuffer file identifier "ET" + schema version
         raise QkvxError("not a readable .pte program (no ExecuTorch file identifier)")
     try:
-        program = getattr(deserialize_pte_binary(pte), "program")
+        eh = _get_extended_header(head)
+        size = eh.program_size if eh and eh.is_valid() else None
+        if isinstance(pte, bytes):
+            data = pte[:size] if size else pte
+        else:
+            with Path(pte).open("rb") as f:
+                data = f.read(size) if size else f.read()
+        program = _flatbuffer_to_program(data)
         plans = [p for p in program.execution_plan if p.name == "forward"]
     except Exception as e:  # the flatbuffer parser raises many types on a corrupt file
         raise QkvxError(f"not a readable .pte program ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -102,26 +113,28 @@ def constant_methods(max_seq_len: int, prefill_chunk: int, eos_ids: list[int], v
     }
 
 
-def export_pte(model: Transformer, max_seq_len: int, prefill_chunk: int = 64,
+def export_pte(model: Transformer, path: str | Path, max_seq_len: int, prefill_chunk: int = 64,
                eos_ids: list[int] | None = None, *, weights: str = "none", group_size: int = 32,
-               quantize_lm_head: bool = False, kv_cache: str = "fp32") -> tuple[bytes, PtePlan]:
-    """Lower `model` to an XNNPACK-delegated .pte with a static cache of max_seq_len tokens.
+               quantize_lm_head: bool = False, kv_cache: str = "fp32", inplace: bool = False) -> PtePlan:
+    """Lower `model` to an XNNPACK-delegated .pte at `path`, with a static cache of max_seq_len tokens.
 
     forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab], 1 <= T <= prefill_chunk.
-    weights: none | 8da4w | 8da8w (qkvx.quant.weights, on a copy: `model` is not changed);
-    kv_cache: fp32 | int8. Returns the program bytes and its checked plan.
+    weights: none | 8da4w | 8da8w (qkvx.quant.weights; on a copy unless `inplace`, which spares a
+    copy of the weights when the caller no longer needs the fp32 model); kv_cache: fp32 | int8.
+    The program is streamed to the file. Returns its checked plan.
     """
     from qkvx.quant.weights import quantize_for_pte
 
     prefill_chunk = min(prefill_chunk, max_seq_len)
     if prefill_chunk < 2:
         raise QkvxError(f"prefill chunk must be >= 2 (export specializes a length-1 sequence), got {prefill_chunk}")
-    quantized = quantize_for_pte(model.eval(), weights, group_size, quantize_lm_head)
+    spec = model.spec
+    quantized = quantize_for_pte(model.eval(), weights, group_size, quantize_lm_head, inplace=inplace)
     decode = DecodeModel(quantized, max_seq_len, kv_cache).eval()
-    pte = lower_decode(decode, model.spec, max_seq_len, prefill_chunk, eos_ids)
-    plan = read_plan(pte)
-    check_plan(plan, model, max_seq_len, kv_cache)
-    return pte, plan
+    lower_decode(decode, spec, path, max_seq_len, prefill_chunk, eos_ids)
+    plan = read_plan(path)
+    check_plan(plan, spec, max_seq_len, kv_cache)
+    return plan
 
 
 def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +142,11 @@ def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long)
 
 
-def lower_decode(decode: torch.nn.Module, spec: ModelSpec, max_seq_len: int, prefill_chunk: int,
-                 eos_ids: list[int] | None = None) -> bytes:
+def lower_decode(decode: torch.nn.Module, spec: ModelSpec, path: str | Path, max_seq_len: int, prefill_chunk: int,
+                 eos_ids: list[int] | None = None) -> None:
     """torch.export a decode-form module (DecodeModel, or a graph module with its forward) with a
-    dynamic sequence of 1..prefill_chunk tokens, delegate to XNNPACK, serialize the program."""
+    dynamic sequence of 1..prefill_chunk tokens, delegate to XNNPACK, write the program to `path`
+    (streamed: joining it into one bytes object first would hold another copy of the weights)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -154,15 +168,16 @@ def lower_decode(decode: torch.nn.Module, spec: ModelSpec, max_seq_len: int, pre
         run_reinplace_pass=True,  # update_cache writes into the buffer, no copy-back
         emit_mutable_buffer_names=True,  # so the plan names each cache buffer
     ))
-    return program.buffer
+    with open(path, "wb") as f:
+        program.write_to_file(f)
 
 
-def check_plan(plan: PtePlan, model: Transformer, max_seq_len: int, kv_cache: str = "fp32") -> None:
+def check_plan(plan: PtePlan, spec: ModelSpec, max_seq_len: int, kv_cache: str = "fp32") -> None:
     """Fail the export unless the custom ops are in the program, no (de)quantization runs outside
     XNNPACK (a quantized Linear it did not take would dequantize its weight at every call), and the
     program holds exactly the cache buffers (count and bytes) that the spec's cache layout says:
     per layer one buffer per cache tensor, with int8 one scale buffer beside each."""
-    ops = custom_ops(model.spec, kv_cache)
+    ops = custom_ops(spec, kv_cache)
     missing = [op for op in ops if op not in plan.operators]
     if missing:
         raise QkvxError(f"export check: custom op(s) {', '.join(missing)} missing from the program "
@@ -170,13 +185,13 @@ def check_plan(plan: PtePlan, model: Transformer, max_seq_len: int, kv_cache: st
     undelegated = [op for op in plan.operators if op not in ops and ("quantize" in op or "choose_qparams" in op)]
     if undelegated:
         raise QkvxError(f"export check: quantized op(s) {', '.join(undelegated)} not delegated to XNNPACK")
-    want_zp = [[1, max_seq_len, model.spec.n_kv_head, 1]] if "llama::custom_quantized_sdpa" in ops else []
+    want_zp = [[1, max_seq_len, spec.n_kv_head, 1]] if "llama::custom_quantized_sdpa" in ops else []
     if plan.zero_points != want_zp:
         raise QkvxError(f"export check: program holds int8 zero-point constants {plan.zero_points}; "
                         f"expected {want_zp} (one shared by every layer)")
-    layout = cache_layout(model.spec, kv_cache)
+    layout = cache_layout(spec, kv_cache)
     want = layout.n_layer * layout.tensors_per_layer * (2 if layout.scale_bytes_per_head else 1)
     if len(plan.cache_buffers) != want or plan.cache_bytes != layout.bytes_at(max_seq_len):
         raise QkvxError(f"export check: program holds {len(plan.cache_buffers)} cache buffers of "
-                        f"{plan.cache_bytes} bytes; the {model.spec.paper_name} spec says {want} of "
+                        f"{plan.cache_bytes} bytes; the {spec.paper_name} spec says {want} of "
                         f"{layout.bytes_at(max_seq_len)} bytes ({kv_cache} cache)")

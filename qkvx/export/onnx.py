@@ -33,7 +33,7 @@ ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = f"{PAST} + {SEQ}"
 # Weights go to external data above this: one protobuf file cannot exceed 2 GiB.
-EXTERNAL_DATA_BYTES = 1_500_000_000
+EXTERNAL_DATA_BYTES = 256 * 2**20
 _DEDUP_MAX_BYTES = 1 << 24
 _ELEM_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int64": 8}
 _NP_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}  # cache dtype -> graph element type

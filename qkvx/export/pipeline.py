@@ -71,6 +71,8 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
         parity = None
         if validate:
             progress("validate")
+            if recipe.format == "pte" and recipe.weights != "none":  # quantized in place: reload the fp32
+                model = qkvx.load(model_path, ignore_config_keys)  # reference (mapped, so cheap)
             parity = _validate(model, recipe, tmp / artifact)
         layout = cache_layout(spec, recipe.kv_cache)
         manifest = {
@@ -100,10 +102,10 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path, eos: list[int]) -> tuple[
     if recipe.format == "pte":
         from qkvx.export.executorch import export_pte
 
-        pte, plan = export_pte(model, seq, recipe.prefill_chunk, eos_ids=eos, weights=recipe.weights,
-                               group_size=recipe.group_size, quantize_lm_head=recipe.quantize_lm_head,
-                               kv_cache=recipe.kv_cache)
-        (tmp / "model.pte").write_bytes(pte)
+        # in place: the fp32 weights are not needed again, validation reloads its reference
+        plan = export_pte(model, tmp / "model.pte", seq, recipe.prefill_chunk, eos_ids=eos, weights=recipe.weights,
+                          group_size=recipe.group_size, quantize_lm_head=recipe.quantize_lm_head,
+                          kv_cache=recipe.kv_cache, inplace=True)
         return "model.pte", {"cache": {"program_cache_buffers": plan.cache_buffers,
                                        "program_cache_bytes": plan.cache_bytes,
                                        "program_zero_point_bytes": plan.zero_point_bytes},

@@ -192,8 +192,7 @@ def quantize_onnx_weights(out_dir: str | Path, recipe, spec, device=None) -> tup
         raise QkvxError(f"recipe {recipe.name!r}: ONNX weights {scheme!r} unknown; known: none, {', '.join(QUANT_OPS)}")
     out_dir = Path(out_dir)
     proto = onnx.load(str(out_dir / ONNX_FILE))
-    before = onnx.ModelProto()
-    before.CopyFrom(proto)
+    before = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)  # structure only, for the census
     nodes = weight_matmuls(proto, recipe.quantize_lm_head)
     if not nodes:
         raise QkvxError(f"recipe {recipe.name!r}: the graph has no weight MatMul to quantize")

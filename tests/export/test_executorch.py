@@ -20,10 +20,8 @@ def _model(name, family, seed=0, **over):
 
 
 def _export(tmp_path, model, max_seq_len=96, chunk=32):
-    pte, plan = export_pte(model, max_seq_len, chunk)
     path = tmp_path / "model.pte"
-    path.write_bytes(pte)
-    return path, plan
+    return path, export_pte(model, path, max_seq_len, chunk)
 
 
 @pytest.mark.parametrize("family,name", [("gpt", n) for n in GPT_VARIANTS] + [("llama", n) for n in LLAMA_VARIANTS])
@@ -45,7 +43,7 @@ def test_kv_shared_halves_planned_cache_paper_300m_shape(tmp_path):
     plans = {}
     for name in ("Q-K=V", "QKV"):
         model = Transformer(ModelSpec.from_paper_name(name, **dims)).eval()
-        plans[name] = export_pte(model, 2048, 8)[1]
+        plans[name] = export_pte(model, tmp_path / f"{name}.pte", 2048, 8)
     kv, qkv = plans["Q-K=V"], plans["QKV"]
     assert (len(kv.cache_buffers), len(qkv.cache_buffers)) == (1, 2)
     assert kv.cache_buffers["caches.0.kv"] == [1, 2048, 16, 64]

@@ -199,8 +199,7 @@ def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name):
     """RoPE with k = v (dequantize, rotate, float kernel) and a two-tensor cache (int8 kernel):
     the .pte computes the fake-quant reference, and its plan holds exactly the int8 layout."""
     model = _small(name, family)
-    pte, plan = export_pte(model, 96, 32, kv_cache="int8")
-    (tmp_path / "model.pte").write_bytes(pte)
+    plan = export_pte(model, tmp_path / "model.pte", 96, 32, kv_cache="int8")
     tokens = torch.randint(0, DIMS["vocab_size"], (80,), generator=torch.Generator().manual_seed(1))
     ref, fp32 = _reference(model, tokens)
     got = run_stream(PteRunner(tmp_path / "model.pte"), tokens)
@@ -219,7 +218,7 @@ def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name):
     assert plan.zero_points == ([[1, 96, 4, 1]] if quantized_kernel else [])
 
 
-def test_int8_cache_ratios_paper_300m_from_the_artifact():
+def test_int8_cache_ratios_paper_300m_from_the_artifact(tmp_path):
     """paper-300m width (1024, 16 heads of 64, 2048 positions; 1 layer and vocab 256 keep it fast:
     per-layer ratios do not depend on them). Everything the artifact holds for the cache counts:
     int8 values, fp32 scales and the shared zero-point constant (amortized over 1 layer here, the
@@ -230,7 +229,7 @@ def test_int8_cache_ratios_paper_300m_from_the_artifact():
     held = {}
     for name in ("Q-K=V", "Q-MQA"):
         spec = ModelSpec.from_paper_name(name, **dims)
-        plan = export_pte(Transformer(spec).eval(), T, 8, kv_cache="int8")[1]
+        plan = export_pte(Transformer(spec).eval(), tmp_path / f"{name}.pte", T, 8, kv_cache="int8")
         assert plan.cache_bytes == cache_layout(spec, "int8").bytes_at(T)
         held[name] = plan.cache_bytes + plan.zero_point_bytes
     fp16_kv = cache_layout(ModelSpec.from_paper_name("Q-K=V", **dims), "fp16").bytes_at(T)
