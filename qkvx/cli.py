@@ -182,6 +182,7 @@ def export(
 ) -> None:
     """Export a model to an on-device artifact with ONE cache tensor per K=V layer."""
     from qkvx.api import export as export_model
+    from qkvx.harness.parity import Parity
 
     with console.status("starting") as status:
         m = export_model(model, recipe, out, max_seq_len=max_seq_len, force=force, validate=validate,
@@ -192,12 +193,8 @@ def export(
     console.print(f"[bold green]wrote[/] {out}/{art['file']} ({fmt_bytes(art['bytes'])}), {m['variant']}: "
                   f"{cache['tensors_per_layer']} cache tensor(s) per layer, {cache['bytes_per_token']:,} B/token, "
                   f"{fmt_bytes(cache['bytes_at_context'])} at {cache['context']} tokens")
-    for name, p in (m["parity"] or {}).items():
-        bound = f" (bound {p['bound']:.2e})" if p["bound"] is not None else ""
-        ppl = f", perplexity {p['ppl']:.3f} vs eager {p['ppl_ref']:.3f}" if p["ppl"] is not None else ""
-        console.print(f"  parity {name}: max |dlogit| {p['max_abs_dlogit']:.2e}{bound}, "
-                      f"top-1 {100 * p['top1_agreement']:.1f} % over {p['steps']} steps{ppl}: "
-                      + ("[green]pass[/]" if p["passed"] else "[red]FAIL[/]"), highlight=False)
+    for p in (m["parity"] or {}).values():
+        console.print(f"  parity {Parity.from_dict(p).describe()}")
 
 
 @app.command()
@@ -360,13 +357,14 @@ def _print_parity(title: str, runtimes: dict) -> None:
     rows = []
     for name, p in runtimes.items():
         ppl = p["ppl"] is not None
-        rows.append((name, f"{p['max_abs_dlogit']:.2e}", f"{p['rel_dlogit']:.2e}",
-                     f"{p['bound']:.2e}" if p["bound"] is not None else "-", f"{100 * p['top1_agreement']:.2f} %",
+        rows.append((name, f"{p['max_abs_dlogit']:.2e}", f"{p['bound']:.2e}" if p["bound"] is not None else "-",
+                     f"{100 * p['top1_agreement']:.2f} %", f"{p['near_ties']}/{p['positions']}",
+                     f"{p['kl_mean']:.2e}", f"{p['kl_p99']:.2e}",
                      f"{p['ppl']:.4f}" if ppl else "-", f"{p['ppl_ref']:.4f}" if ppl else "-",
                      f"{100 * p['ppl_change']:+.2f} %" if ppl else "-",
                      "[green]pass[/]" if p["passed"] else f"[red]FAIL ({', '.join(p['failed'])})[/]"))
-    print_table(title, ("runtime", "max |dlogit|", "rel", "bound", "top-1", "ppl", "ppl eager", "ppl change",
-                        "result"), rows)
+    print_table(title, ("runtime", "max |dlogit|", "bound", "top-1", "near ties", "KL mean", "KL p99", "ppl",
+                        "ppl eager", "ppl change", "result"), rows)
 
 
 @app.command()

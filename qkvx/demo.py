@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from qkvx.errors import QkvxError
@@ -19,32 +18,16 @@ RECIPES = ("pte-fp32", "onnx-fp32")
 PROMPT = "The default value of the"
 
 
-def _trained(out: Path, variant: str, seed: int) -> Path:
-    """Reuse a finished model of the same variant and seed; otherwise train it (~3 min on 2 cores)."""
-    from qkvx.train import train
-
-    folder = out / variant.replace("=", "").replace("-", "_").lower()
-    meta_file = folder / "qkvx.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("variant") == variant and meta.get("training", {}).get("seed") == seed:
-            print(f"reusing {folder} (delete it to retrain)")
-            return folder
-    r = train(variant, seed=seed, out=folder)
-    print(f"{variant}: held-out perplexity {r.heldout_ppl:.2f} vs unigram {r.unigram_ppl:.2f} "
-          f"({r.seconds:.0f} s)")
-    return folder
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from qkvx.cli import app
+    from qkvx.train import trained_model
 
     try:
-        folders = [_trained(args.out, v, args.seed) for v in VARIANTS]
+        folders = [trained_model(args.out, v, args.seed, report=print, quiet=False) for v in VARIANTS]
     except QkvxError as e:
         raise SystemExit(f"error: {e}")
     for folder in folders:

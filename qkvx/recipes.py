@@ -23,19 +23,41 @@ INT8_PRESETS = ("arm64", "avx2", "avx512_vnni")
 
 @dataclass(frozen=True)
 class Gates:
-    """Parity gates (DESIGN.md 6): fp32 artifacts pass when every step's max |dlogit| <=
-    max_rel_dlogit * max|logit| + abs_dlogit_floor and top-1 agreement >= min_top1; quantized ones
-    when top-1 agreement >= min_top1 and held-out perplexity rises by at most max_ppl_change."""
+    """Parity gates. fp32 artifacts: max |dlogit| <= max_rel_dlogit * max|logit| + abs_dlogit_floor.
+    Quantized ones: the mean KL divergence (reference || artifact) per position and its 99th
+    percentile (llama.cpp's KLD evaluation), and on text the perplexity change. Both: top-1
+    agreement >= min_top1, counted only where the reference's top-2 margin exceeds the near-tie
+    margin (a logit error within the noise can flip a near tie; those positions are reported)."""
 
     max_rel_dlogit: float | None = 1e-4  # None: no logit gate (quantized artifacts)
     abs_dlogit_floor: float = 1e-5
     min_top1: float = 1.0
     max_ppl_change: float | None = None  # relative, e.g. 0.03 = 3 %
+    top1_margin: float | None = None  # near-tie margin in nats (logit units); None: twice the logit bound
+    max_kl: float | None = None  # mean KL(reference || artifact) per position, nats
+    max_kl_p99: float | None = None  # its 99th percentile over positions
+
+    def __post_init__(self) -> None:
+        for name in ("max_rel_dlogit", "max_ppl_change", "top1_margin", "max_kl", "max_kl_p99"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise QkvxError(f"gates.{name} must be >= 0, got {value!r}")
+        if not 0 <= self.min_top1 <= 1:
+            raise QkvxError(f"gates.min_top1 must be between 0 and 1, got {self.min_top1!r}")
 
     def bound(self, max_abs_logit: float) -> float:
         if self.max_rel_dlogit is None:
             return math.inf
         return self.max_rel_dlogit * max_abs_logit + self.abs_dlogit_floor
+
+    def tie_margin(self, max_abs_logit: float) -> float:
+        """A top-2 margin at or below this is a near tie: an error within the recipe's noise flips it.
+        Quantized recipes state it in nats (the reference prefers its top-1 by at most e^margin),
+        set from the noise their quantization puts on the top-2 gap of trained models; fp32 ones
+        use twice their logit bound (rounding grows with the logits' magnitude)."""
+        if self.top1_margin is not None:
+            return self.top1_margin
+        return 2 * self.bound(max_abs_logit) if self.max_rel_dlogit is not None else 0.0
 
 
 @dataclass(frozen=True)

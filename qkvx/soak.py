@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from qkvx.harness.parity import logit_stats
 from qkvx.harness.runners import one_thread_runner
 from qkvx.recipes import Gates, load_recipe
 
@@ -104,18 +105,12 @@ def compare(got: torch.Tensor, ref: torch.Tensor, gates: Gates, prompt: int,
     """Runtime logits vs reference logits, both [N, vocab], per window (see the module docstring)."""
     rows = []
     for start, end in windows(prompt, len(ref), window):
-        g, r = got[start:end], ref[start:end]
-        dl, ml = (g - r).abs().max().item(), r.abs().max().item()
-        bound = gates.bound(ml)
-        agree = g.argmax(-1) == r.argmax(-1)  # [n]
-        top2 = r.topk(2, -1).values
-        decisive = top2[:, 0] - top2[:, 1] > 2 * bound  # a within-bound error cannot flip these
-        top1_decisive = agree[decisive].float().mean().item() if decisive.any() else 1.0
-        rows.append({"start": start, "end": end, "max_abs_dlogit": dl, "max_abs_logit": ml,
-                     "rel_dlogit": dl / ml if ml else 0.0, "bound": bound,
-                     "top1": agree.float().mean().item(), "top1_decisive": top1_decisive,
-                     "near_ties": int((~decisive).sum()), "flips": int((~agree).sum()),
-                     "passed": dl <= bound and top1_decisive >= gates.min_top1})
+        st = logit_stats(got[start:end], ref[start:end], gates)
+        bound = gates.bound(st.max_abs_logit)
+        rows.append({"start": start, "end": end, "max_abs_dlogit": st.max_abs_dlogit, "max_abs_logit": st.max_abs_logit,
+                     "rel_dlogit": st.max_abs_dlogit / st.max_abs_logit if st.max_abs_logit else 0.0,
+                     "bound": bound, "top1": st.top1_all, "top1_decisive": st.top1, "near_ties": st.near_ties,
+                     "flips": st.flips, "passed": st.max_abs_dlogit <= bound and st.top1 >= gates.min_top1})
     first, last = rows[1]["rel_dlogit"], rows[-1]["rel_dlogit"]  # decode windows: drift grows with context
     return {"windows": rows, "max_abs_dlogit": max(w["max_abs_dlogit"] for w in rows),
             "max_rel_dlogit": max(w["rel_dlogit"] for w in rows),

@@ -234,3 +234,20 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - 1 - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def trained_model(out: Path, variant: str, seed: int = 0, report=lambda line: None, quiet: bool = True) -> Path:
+    """out/<slug>: reuse a finished model of the same variant and seed, else train one with the
+    defaults (about 3 minutes on 2 idle cores). The demo and the quality benchmark share them."""
+    import json
+
+    folder = Path(out) / variant.replace("=", "").replace("-", "_").lower()
+    meta_file = folder / "qkvx.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("variant") == variant and meta.get("training", {}).get("seed") == seed:
+            report(f"reusing {folder} (delete it to retrain)")
+            return folder
+    r = train(variant, seed=seed, out=folder, quiet=quiet)
+    report(f"{variant}: held-out perplexity {r.heldout_ppl:.2f} vs unigram {r.unigram_ppl:.2f} ({r.seconds:.0f} s)")
+    return folder

@@ -16,6 +16,7 @@ import torch
 
 import qkvx
 from qkvx.errors import GateFailed, QkvxError
+from qkvx.harness.parity import Parity
 from qkvx.export import manifest as mf
 from qkvx.recipes import Recipe, load_recipe
 from qkvx.spec import cache_layout
@@ -93,8 +94,8 @@ def export_model(model_path: str | os.PathLike, recipe: str | Recipe, out: str |
         }
         mf.write_manifest(tmp, manifest)
         if parity is not None and not all(p["passed"] for p in parity.values()):
-            bad = next(n for n, p in parity.items() if not p["passed"])
-            raise GateFailed(f"validation failed, {gate_message(bad, parity[bad])}; {out} was not written")
+            bad = next(Parity.from_dict(p) for p in parity.values() if not p["passed"])
+            raise GateFailed(f"validation failed, {bad.describe()}; {out} was not written")
     return manifest
 
 
@@ -151,12 +152,3 @@ def _validate(model, recipe: Recipe, artifact: Path) -> dict[str, dict]:
     tokens = validation_tokens(model, n * windows)
     result = check_parity(model, runner, tokens, min(PARITY_PREFILL, n - 1), recipe.gates, windows, text)
     return {runner.name: result.to_dict()}
-
-
-def gate_message(name: str, p: dict) -> str:
-    """One line naming the failed gate(s) of runtime `name` and the measured values."""
-    parts = [f"max |dlogit| {p['max_abs_dlogit']:.3g}" + (f" (bound {p['bound']:.3g})" if p["bound"] is not None else ""),
-             f"top-1 agreement {p['top1_agreement']:.3f}"]
-    if p.get("ppl_change") is not None:
-        parts.append(f"perplexity {p['ppl']:.3f} vs {p['ppl_ref']:.3f} eager ({100 * p['ppl_change']:+.2f} %)")
-    return f"{name}: gate(s) {', '.join(p['failed'])} failed: {'; '.join(parts)}"

@@ -143,14 +143,16 @@ def junit_xml(v: Validation) -> str:
     n = fails = 0
     for name, p in v.runtimes.items():
         checks = {"dlogit": f"max |dlogit| {p['max_abs_dlogit']:.3g}" + (f" <= {p['bound']:.3g}" if p["bound"] is not None else " (no gate)"),
-                  "top1": f"top-1 agreement {p['top1_agreement']:.4f}"}
+                  "top1": f"top-1 agreement {p['top1_agreement']:.4f} ({p['near_ties']} of {p['positions']} near ties excluded)",
+                  "kl": f"KL(reference || runtime) mean {p['kl_mean']:.3g}, p99 {p['kl_p99']:.3g}"}
         if p["ppl"] is not None:
             checks["ppl"] = f"perplexity {p['ppl']:.4f} vs eager {p['ppl_ref']:.4f} ({100 * p['ppl_change']:+.2f} %)"
         for check, text in checks.items():
             case = ET.SubElement(suite, "testcase", classname=f"qkvx.{name}", name=check)
             ET.SubElement(case, "system-out").text = text
             n += 1
-            if check in p["failed"]:
+            failed = [f for f in p["failed"] if f == check or (check == "kl" and f == "kl_p99")]
+            if failed:
                 fails += 1
                 ET.SubElement(case, "failure", message=f"{name} {check} gate failed: {text}").text = text
     suite.set("tests", str(n))

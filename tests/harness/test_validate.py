@@ -43,7 +43,9 @@ def test_validate_passes_with_json_and_junit(onnx_export, tmp_path, fits_80):
     assert p["max_abs_dlogit"] <= 1e-4 * p["max_abs_logit"] + 1e-5
     assert p["ppl"] is None and p["ppl_change"] is None  # random tokens: no perplexity
     cases = ET.parse(tmp_path / "v.xml").getroot().findall("testcase")
-    assert {(c.get("classname"), c.get("name")) for c in cases} == {("qkvx.ort", "dlogit"), ("qkvx.ort", "top1")}
+    assert {(c.get("classname"), c.get("name")) for c in cases} == {("qkvx.ort", "dlogit"), ("qkvx.ort", "top1"),
+                                                                   ("qkvx.ort", "kl")}
+    assert p["kl_mean"] < 1e-9 and p["near_ties"] <= p["positions"] and "KL" in r.stdout
     assert not any(c.find("failure") is not None for c in cases)
 
 
