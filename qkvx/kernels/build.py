@@ -4,12 +4,11 @@ The library lands in a cache directory keyed by the sources, the ExecuTorch pref
 so an edited kernel is rebuilt and a stale one is never loaded:
   ~/.cache/qkvx/kernels/<arch>-<hash>/libqkvx_kernels.so   (QKVX_KERNELS_CACHE overrides the root)
 
-    python -m qkvx.kernels.build                  # host library (+ --tests: qkvx_kernels_test)
-    python -m qkvx.kernels.build --aarch64 --executorch-prefix DIR   # cross, aarch64 wheel's executorch/
+    python -m qkvx.kernels [--tests]      # host library (+ qkvx_kernels_test)
+    python -m qkvx.kernels --aarch64 [--tests]   # cross build against the aarch64 wheel (qkvx.kernels.aarch64)
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import importlib.util
@@ -17,7 +16,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from qkvx.errors import QkvxError
@@ -100,26 +98,3 @@ def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None
                 raise KernelsBuildError(f"building the qkvx kernels failed ({' '.join(cmd[:2])} ...):\n"
                                         + "\n".join(tail))
     return lib
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qkvx.kernels.build", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--aarch64", action="store_true", help="cross-compile with aarch64-linux-gnu-g++")
-    ap.add_argument("--executorch-prefix", help="ExecuTorch include/+lib/ directory (default: the installed wheel)")
-    ap.add_argument("--tests", action="store_true", help="also build qkvx_kernels_test")
-    ap.add_argument("--out", help="build directory (default: the cache directory the loader uses)")
-    ap.add_argument("-j", "--jobs", type=int, default=2)
-    ap.add_argument("-v", "--verbose", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        lib = build(a.aarch64, a.executorch_prefix, a.tests, a.jobs, a.out, a.verbose)
-    except KernelsBuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(lib)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
