@@ -30,15 +30,13 @@ int64_t elem_bytes(int32_t dtype) {
   return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
 }
 
-bool avx2_usable() {
 #if defined(__x86_64__) || defined(_M_X64)
+bool avx2_usable() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");
   return ok;
-#else
-  return false;
-#endif
 }
+#endif
 
 TileKernel choose_kernel(int64_t D, bool rope) {
   if (g_force_portable.load()) return tile_kernel_portable;

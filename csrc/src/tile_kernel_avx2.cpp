@@ -40,10 +40,23 @@ struct Avx2 {
     const V lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
     _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
   }
+  static float max8(const float* x) {
+    V m = _mm256_loadu_ps(x);
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4e));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xb1));
+    return _mm256_cvtss_f32(m);
+  }
+  static float sum8(const float* x) {
+    const __m128 a = _mm_add_ps(_mm_loadu_ps(x), _mm_loadu_ps(x + 4));
+    const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 0x55)));
+  }
   // exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial (Cephes expf
-  // coefficients), 2^n through the exponent bits. Inputs below -87.3 are clamped there.
+  // coefficients), 2^n through the exponent bits; exactly 0 below kMinExponent.
   static V exp(V x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const V keep = _mm256_cmp_ps(x, _mm256_set1_ps(kMinExponent), _CMP_GE_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(kMinExponent));
     const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -57,7 +70,7 @@ struct Avx2 {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(
         _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
   }
 };
 

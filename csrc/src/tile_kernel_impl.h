@@ -5,8 +5,8 @@
 //
 // Vt provides: W (lanes), V (vector type), zero, load, store, set1, add, sub, mul,
 // fma(a, b, c) = a * b + c, to_float(const uint16_t* half, float*, n), to_float(const int8_t*,
-// float*, n) (n % W == 0), reduce8(const V acc[8], float out[8]) (horizontal sums), exp(V) for
-// arguments <= 0 (below -87 it may give a tiny denormal instead of 0; callers never use those).
+// float*, n) (n % W == 0), reduce8(const V acc[8], float out[8]) (horizontal sums), max8 / sum8
+// (of 8 floats), exp(V) for arguments <= 0 that returns exactly 0 below kMinExponent.
 #include <algorithm>
 #include <cmath>
 
@@ -17,6 +17,22 @@ namespace qkvx {
 namespace {
 
 constexpr int kBlock = 8;  // rows fetched together: their scores share one exp and max
+
+// Cache rows are prefetched this many rows ahead of the block being read. A tile is a short
+// stream (with RoPE, 256 rows of one head before the next head's), too short for the hardware
+// prefetcher to ramp up; prefetching stays inside the tile, so nothing past it is touched.
+constexpr int64_t kPrefetchRows = 16;
+
+template <int DT>
+inline void prefetch_rows(const void* base, int64_t r0, int64_t r1, int64_t D) {
+  const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  const char* p = static_cast<const char*>(base);
+  for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) __builtin_prefetch(p + off);
+}
+
+// Softmax weights below e^kMinExponent (relative to the running max) are exactly 0: at fp32 they
+// cannot change a sum whose largest term is 1, and as denormals they would slow every FMA.
+constexpr float kMinExponent = -60.0f;
 
 // Row r of a head plane as fp32: the cache row itself (fp32) or converted into dst.
 template <class Vt, int DT>
@@ -56,22 +72,39 @@ inline void dot_block(const float* q, const float* const* k, int64_t D, float* o
   Vt::reduce8(acc, out);
 }
 
-// w[j] = exp(sc[j] - mx) for j < nv; returns their sum.
-template <class Vt>
-inline float exp_block(const float* sc, int nv, float mx, float* w) {
+// w[j] = exp(sc[j] - mx) for j < n, 0 past n; returns their sum. Full blocks stay in vectors.
+template <class Vt, bool Full>
+inline float exp_block(const float* sc, int n, float mx, float* w) {
   alignas(32) float x[kBlock];
-  for (int j = 0; j < kBlock; ++j) x[j] = j < nv ? sc[j] - mx : -100.0f;
-  for (int j = 0; j < kBlock; j += Vt::W) Vt::store(w + j, Vt::exp(Vt::load(x + j)));
-  float s = 0.0f;
-  for (int j = 0; j < nv; ++j) s += w[j];
-  return s;
+  const float* src = sc;
+  if (!Full) {
+    for (int j = 0; j < kBlock; ++j) x[j] = j < n ? sc[j] : mx - 100.0f;
+    src = x;
+  }
+  const auto m = Vt::set1(mx);
+  for (int j = 0; j < kBlock; j += Vt::W) Vt::store(w + j, Vt::exp(Vt::sub(Vt::load(src + j), m)));
+  return Vt::sum8(w);
 }
 
-// acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns.
-template <class Vt>
+// acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns; NV = kBlock for a full
+// block (unrolled, weights broadcast once), 0 for a partial one (nv rows).
+template <class Vt, int NV>
 inline void accumulate(float* acc, int64_t D, const float* w, const float* const* v, int nv,
                        bool rescale, float alpha) {
   const auto a = Vt::set1(alpha);
+  if (NV == kBlock) {
+    typename Vt::V wv[kBlock];
+    for (int j = 0; j < kBlock; ++j) wv[j] = Vt::set1(w[j]);
+    for (int64_t d = 0; d < D; d += Vt::W) {
+      auto x = Vt::load(acc + d);
+      if (rescale) x = Vt::mul(x, a);
+      auto y = Vt::mul(wv[0], Vt::load(v[0] + d));  // two chains: half the FMA latency
+      for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], Vt::load(v[j] + d), x);
+      for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], Vt::load(v[j] + d), y);
+      Vt::store(acc + d, Vt::add(x, y));
+    }
+    return;
+  }
   for (int64_t d = 0; d < D; d += Vt::W) {
     auto x = Vt::load(acc + d);
     if (rescale) x = Vt::mul(x, a);
@@ -80,13 +113,69 @@ inline void accumulate(float* acc, int64_t D, const float* w, const float* const
   }
 }
 
-template <class Vt, int DT>
+// Folds one block's rows (n of them; n == kBlock is the common, fully unrolled case) into query
+// row m's running (max, sum, acc).
+template <class Vt, int DT, bool Full>
+inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const float* const* krow,
+                       const float* const* vrow, int64_t D) {
+  const int n = Full ? kBlock : nv;
+  alignas(32) float sc[kBlock];
+  dot_block<Vt>(t.q + m * D, krow, D, sc);
+  float bmax;
+  if (Full) {  // all 8 rows visible and inside the tile: scales load as vectors
+    if (DT == QKVX_INT8) {
+      for (int j = 0; j < kBlock; j += Vt::W) {
+        Vt::store(sc + j, Vt::mul(Vt::load(sc + j), Vt::load(t.k_scale + b + j)));
+      }
+    }
+    bmax = Vt::max8(sc);
+  } else {
+    if (DT == QKVX_INT8) {
+      for (int j = 0; j < n; ++j) sc[j] *= t.k_scale[b + j];
+    }
+    bmax = sc[0];
+    for (int j = 1; j < n; ++j) bmax = std::max(bmax, sc[j]);
+  }
+  float& mx = t.run_max[m];
+  bool rescale = false;
+  float alpha = 1.0f;
+  if (bmax > mx) {  // the running max moves: earlier weights shrink by exp(old - new)
+    alpha = mx - bmax < kMinExponent ? 0.0f : std::exp(mx - bmax);
+    rescale = true;
+    mx = bmax;
+    t.run_sum[m] *= alpha;
+  }
+  alignas(32) float w[kBlock];
+  t.run_sum[m] += exp_block<Vt, Full>(sc, n, mx, w);
+  if (DT == QKVX_INT8) {
+    if (Full) {
+      for (int j = 0; j < kBlock; j += Vt::W) {
+        Vt::store(w + j, Vt::mul(Vt::load(w + j), Vt::load(t.v_scale + b + j)));
+      }
+    } else {
+      for (int j = 0; j < n; ++j) w[j] *= t.v_scale[b + j];
+    }
+  }
+  accumulate<Vt, Full ? kBlock : 0>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
+}
+
+// DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every
+// row-length loop unrolled.
+template <class Vt, int DT, int DC>
 void tile_loop(const Tile& t) {
-  const int64_t D = t.D;
+  const int64_t D = DC ? DC : t.D;
   float* kbuf = t.scratch;               // [8][D]: keys as fp32 (rotated with RoPE)
   float* vbuf = t.scratch + kBlock * D;  // [8][D]: values as fp32
   const bool shared = t.v == t.k, rope = t.cos != nullptr;
+  auto prefetch = [&](int64_t r0, int64_t r1) {
+    r1 = std::min(r1, t.rows);
+    if (r0 >= r1) return;
+    prefetch_rows<DT>(t.k, r0, r1, D);
+    if (!shared) prefetch_rows<DT>(t.v, r0, r1, D);
+  };
+  prefetch(0, kPrefetchRows);
   for (int64_t b = 0; b < t.rows; b += kBlock) {
+    prefetch(b + kPrefetchRows, b + kPrefetchRows + kBlock);
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
     const int64_t s0 = t.row0 + b;  // cache position of the block's first row
     const float* krow[kBlock];
@@ -110,38 +199,30 @@ void tile_loop(const Tile& t) {
       const int64_t visible = t.limit[m] - s0 + 1;  // causal: rows s0 .. limit[m]
       if (visible <= 0) continue;
       const int nv = visible < nb ? static_cast<int>(visible) : nb;
-      float sc[kBlock];
-      dot_block<Vt>(t.q + m * D, krow, D, sc);
-      if (DT == QKVX_INT8) {
-        for (int j = 0; j < nv; ++j) sc[j] *= t.k_scale[b + j];
+      if (nv == kBlock) {
+        fold_block<Vt, DT, true>(t, m, b, nv, krow, vrow, D);
+      } else {
+        fold_block<Vt, DT, false>(t, m, b, nv, krow, vrow, D);
       }
-      float bmax = sc[0];
-      for (int j = 1; j < nv; ++j) bmax = std::max(bmax, sc[j]);
-      float& mx = t.run_max[m];
-      bool rescale = false;
-      float alpha = 1.0f;
-      if (bmax > mx) {  // the running max moves: earlier weights shrink by exp(old - new)
-        alpha = std::exp(mx - bmax);
-        rescale = true;
-        mx = bmax;
-        t.run_sum[m] *= alpha;
-      }
-      alignas(32) float w[kBlock];
-      t.run_sum[m] += exp_block<Vt>(sc, nv, mx, w);
-      if (DT == QKVX_INT8) {
-        for (int j = 0; j < nv; ++j) w[j] *= t.v_scale[b + j];
-      }
-      accumulate<Vt>(t.acc + m * D, D, w, vrow, nv, rescale, alpha);
     }
+  }
+}
+
+template <class Vt, int DT>
+void tile_dtype(const Tile& t) {
+  switch (t.D) {
+    case 64: tile_loop<Vt, DT, 64>(t); break;
+    case 128: tile_loop<Vt, DT, 128>(t); break;
+    default: tile_loop<Vt, DT, 0>(t); break;
   }
 }
 
 template <class Vt>
 void tile_dispatch(const Tile& t) {
   switch (t.dtype) {
-    case QKVX_FLOAT32: tile_loop<Vt, QKVX_FLOAT32>(t); break;
-    case QKVX_FLOAT16: tile_loop<Vt, QKVX_FLOAT16>(t); break;
-    default: tile_loop<Vt, QKVX_INT8>(t); break;
+    case QKVX_FLOAT32: tile_dtype<Vt, QKVX_FLOAT32>(t); break;
+    case QKVX_FLOAT16: tile_dtype<Vt, QKVX_FLOAT16>(t); break;
+    default: tile_dtype<Vt, QKVX_INT8>(t); break;
   }
 }
 

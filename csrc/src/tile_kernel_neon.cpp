@@ -37,9 +37,13 @@ struct Neon {
     vst1q_f32(out, s0);
     vst1q_f32(out + 4, s1);
   }
-  // Same range reduction and polynomial as the AVX2 path (Cephes expf coefficients).
+  static float max8(const float* x) { return vmaxvq_f32(vmaxq_f32(vld1q_f32(x), vld1q_f32(x + 4))); }
+  static float sum8(const float* x) { return vaddvq_f32(vaddq_f32(vld1q_f32(x), vld1q_f32(x + 4))); }
+  // Same range reduction and polynomial as the AVX2 path (Cephes expf coefficients); exactly 0
+  // below kMinExponent.
   static V exp(V x) {
-    x = vmaxq_f32(x, vdupq_n_f32(-87.3f));
+    const uint32x4_t keep = vcgeq_f32(x, vdupq_n_f32(kMinExponent));
+    x = vmaxq_f32(x, vdupq_n_f32(kMinExponent));
     const V n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
     V r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
     r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
@@ -51,7 +55,7 @@ struct Neon {
     p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
     p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
     const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(e))), keep));
   }
 };
 

@@ -28,7 +28,17 @@ struct Scalar {
   static void reduce8(const V* acc, float* out) {
     for (int j = 0; j < 8; ++j) out[j] = acc[j];
   }
-  static V exp(V x) { return std::exp(x); }
+  static float max8(const float* x) {
+    float m = x[0];
+    for (int j = 1; j < 8; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+  }
+  static float sum8(const float* x) {
+    float s = 0.0f;
+    for (int j = 0; j < 8; ++j) s += x[j];
+    return s;
+  }
+  static V exp(V x) { return x < kMinExponent ? 0.0f : std::exp(x); }
 };
 
 }  // namespace

@@ -171,6 +171,10 @@ void run_attend_tests() {
   check_case({2, 2, 1, 50, 6, 20, QKVX_FLOAT32, true, true, 2.0f, seed++}, "odd D");
   check_case({1, 2, 2, 50, 12, 30, QKVX_FLOAT16, true, true, 2.0f, seed++}, "D=12 rope");
   check_case({1, 2, 2, 50, 8, 49, QKVX_INT8, false, false, 2.0f, seed++}, "D=8");
+  for (int dt : dtypes) {  // D = 128 has its own unrolled instantiation
+    check_case({1, 4, 2, 70, 128, 69, dt, true, true, 2.0f, seed++}, "D=128");
+    check_case({3, 4, 4, 70, 128, 30, dt, false, false, 2.0f, seed++}, "D=128");
+  }
   // Sequence split: forced chunk sizes put chunk edges at odd places (last chunk partial, a
   // chunk of one row, prefill limits inside a chunk), on one thread and on two.
   for (int threads : {1, 2}) {

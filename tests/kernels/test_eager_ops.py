@@ -34,6 +34,7 @@ CASES = [  # T, H, G, S, D, start_pos
     (5, 4, 2, 40, 32, 0),      # prefill from 0
     (7, 4, 4, 40, 16, 11),     # prefill in the middle
     (3, 2, 1, 25, 6, 9),       # head size the SIMD path does not take
+    (2, 4, 2, 30, 128, 27),    # D = 128 (its own unrolled instantiation)
 ]
 
 
