@@ -23,8 +23,10 @@ std::atomic<int64_t> g_chunk_rows{0};
 // Below this many cache bytes per chunk, waking a second thread costs more than it saves.
 constexpr int64_t kMinChunkBytes = 256 * 1024;
 // With RoPE a tile visits every kv head over the same positions, so its cos/sin rows are read
-// from memory once and from cache for the other heads: small enough to stay in L2.
-constexpr int64_t kRopeTileRows = 256;
+// from memory once and from cache for the other heads. Tiles stay long (the tables of one tile
+// fill this budget): each head's rows of a tile are one contiguous stream, and short per-head
+// streams starve the hardware prefetcher.
+constexpr int64_t kRopeTileTableBytes = 2 * 1024 * 1024;
 
 int64_t elem_bytes(int32_t dtype) {
   return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
@@ -92,7 +94,8 @@ Status attend(const AttendArgs& a) {
     chunk = ceil_div(ceil_div(n_keys, n), 8) * 8;  // whole blocks of rows
   }
   const int64_t n_chunks = ceil_div(n_keys, chunk);
-  const int64_t tile_rows = rope ? kRopeTileRows : chunk;
+  const int64_t rope_rows = kRopeTileTableBytes / (2 * D * static_cast<int64_t>(sizeof(float)));
+  const int64_t tile_rows = rope ? (rope_rows > 256 ? rope_rows : 256) : chunk;
 
   // Queries regrouped per kv head and pre-scaled by 1/sqrt(D): qg [G][M][D]; limit [M].
   // Per chunk state: acc [G][M][D], then max [G][M], then sum [G][M].
