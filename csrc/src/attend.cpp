@@ -22,6 +22,9 @@ std::atomic<int64_t> g_chunk_rows{0};
 
 // Below this many cache bytes per chunk, waking a second thread costs more than it saves.
 constexpr int64_t kMinChunkBytes = 256 * 1024;
+// Chunks per pool thread when splitting: a thread that finishes early (or a core that is busy
+// with another process) evens out by taking more of them.
+constexpr int64_t kChunksPerThread = 4;
 // With RoPE a tile visits every kv head over the same positions, so its cos/sin rows are read
 // from memory once and from cache for the other heads. Tiles stay long (the tables of one tile
 // fill this budget): each head's rows of a tile are one contiguous stream, and short per-head
@@ -82,13 +85,14 @@ Status attend(const AttendArgs& a) {
   const bool shared = a.v_cache == nullptr, rope = a.rope_cos != nullptr;
   const TileKernel kernel = choose_kernel(D, rope);
 
-  // Sequence chunks: one per thread (static split: parallel_for hands each thread a contiguous
-  // range), none smaller than kMinChunkBytes, one when single-threaded (no merge cost then).
+  // Sequence chunks: kChunksPerThread per pool thread, none smaller than kMinChunkBytes, and
+  // exactly one when single-threaded (no split and no merge cost then).
   int64_t chunk = g_chunk_rows.load();
   if (chunk <= 0) {
     const int64_t row_bytes = G * D * elem_bytes(dtype) * (shared ? 1 : 2);
     const int64_t min_rows = ceil_div(kMinChunkBytes, row_bytes > 0 ? row_bytes : 1);
-    int64_t n = thread_count();
+    const int64_t threads = thread_count();
+    int64_t n = threads > 1 ? threads * kChunksPerThread : 1;
     if (n > ceil_div(n_keys, min_rows)) n = ceil_div(n_keys, min_rows);
     if (n < 1) n = 1;
     chunk = ceil_div(ceil_div(n_keys, n), 8) * 8;  // whole blocks of rows

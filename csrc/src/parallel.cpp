@@ -1,12 +1,20 @@
-// The wheel ships libexecutorch_threadpool.so, which exports parallel_for / get_thread_count
-// (declared by runtime/kernel/thread_parallel_interface.h under ET_USE_THREADPOOL) and
-// ThreadPool::_unsafe_reset_threadpool, but not extension/threadpool/threadpool.h. The two
-// ThreadPool members used here are therefore declared below with the signatures the library
-// exports (non-virtual members: the call binds to the exported symbol, the layout is never used).
+// The wheel ships libexecutorch_threadpool.so but not extension/threadpool/threadpool.h. What is
+// used here is declared with the signatures the library exports:
+//   get_threadpool()->_unsafe_reset_threadpool(n)   the pool size (as the pybindings do)
+//   get_pthreadpool() + pthreadpool_parallelize_1d  the pool's pthreadpool, whose 1-D loop hands
+//       items out one at a time and lets idle threads steal, so a thread descheduled on a busy
+//       core does not hold the others up (ExecuTorch's parallel_for gives fixed ranges)
+// (non-virtual members and C functions: the calls bind to the exported symbols).
 #include "parallel.h"
 
 #if defined(QKVX_USE_THREADPOOL)
+#include <cstddef>
+
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+struct pthreadpool;
+extern "C" void pthreadpool_parallelize_1d(pthreadpool* pool, void (*task)(void*, size_t),
+                                           void* context, size_t range, uint32_t flags);
 
 namespace executorch::extension::threadpool {
 class ThreadPool {
@@ -15,6 +23,7 @@ class ThreadPool {
   size_t get_thread_count() const;
 };
 ThreadPool* get_threadpool();
+pthreadpool* get_pthreadpool();  // nullptr inside a NoThreadPoolGuard: the caller runs everything
 }  // namespace executorch::extension::threadpool
 #endif
 
@@ -36,8 +45,17 @@ void detail::run_parallel_raw(int64_t n, RangeFn fn, void* ctx) {
     fn(ctx, 0, 1);
     return;
   }
-  auto body = [fn, ctx](int64_t b, int64_t e) { fn(ctx, b, e); };
-  if (!executorch::extension::parallel_for(0, n, 1, body)) fn(ctx, 0, n);
+  struct Item {
+    RangeFn fn;
+    void* ctx;
+  } item{fn, ctx};
+  pthreadpool_parallelize_1d(
+      executorch::extension::threadpool::get_pthreadpool(),
+      [](void* p, size_t i) {
+        const Item& it = *static_cast<const Item*>(p);
+        it.fn(it.ctx, static_cast<int64_t>(i), static_cast<int64_t>(i) + 1);
+      },
+      &item, static_cast<size_t>(n), 0u);
 }
 
 #else

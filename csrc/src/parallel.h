@@ -12,7 +12,8 @@ int64_t thread_count();
 // Sets the pool size; returns the size in effect afterwards.
 int64_t set_thread_count(int64_t n);
 
-// Runs f(begin, end) over [0, n) in contiguous ranges, one per pool thread, and waits.
+// Runs f(i, i + 1) for every i in [0, n) on the pool's threads (items handed out one at a time,
+// idle threads steal) and waits.
 // Fn: any callable taking (int64_t, int64_t).
 template <class Fn>
 void run_parallel(int64_t n, const Fn& f);
