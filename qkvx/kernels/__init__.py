@@ -21,7 +21,6 @@ Ops (caches are [1, G, S, D]: kv heads before tokens):
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from qkvx.kernels import _abi, ops
@@ -33,16 +32,15 @@ __all__ = ["build", "build_dir", "KernelsBuildError", "library_path", "set_num_t
 
 def library_path() -> Path:
     """The library this process loads: QKVX_KERNELS_LIB, else the build for this source tree
-    (built now if missing)."""
+    (built now if missing; under build()'s lock, so a concurrent build is never half-read)."""
     env = os.environ.get("QKVX_KERNELS_LIB")
     if env:
         return Path(env)
-    lib = build_dir() / "libqkvx_kernels.so"
-    if lib.exists():
-        return lib
     if os.environ.get("QKVX_KERNELS_NO_BUILD") == "1":
-        raise KernelsBuildError(f"{lib} is not built (python -m qkvx.kernels.build)")
-    print("qkvx.kernels: building the kernel library (once per source change) ...", file=sys.stderr)
+        lib = build_dir() / "libqkvx_kernels.so"
+        if not lib.exists():
+            raise KernelsBuildError(f"{lib} is not built (python -m qkvx.kernels)")
+        return lib
     return build()
 
 

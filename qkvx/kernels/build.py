@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from qkvx.errors import QkvxError
@@ -83,13 +84,15 @@ def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None
     lib = bdir / LIBRARY
     with open(bdir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if lib.exists() and (not tests or (bdir / TEST_BINARY).exists()) and out is None:
+        stamp = bdir / (".built-tests" if tests else ".built")  # written only after a whole build
+        if out is None and stamp.exists():
             return lib
         configure = [cmake, "-S", str(CSRC), "-B", str(bdir), f"-DEXECUTORCH_PREFIX={prefix}",
                      f"-DQKVX_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DCMAKE_BUILD_TYPE=Release",
                      f"-DCMAKE_CXX_COMPILER={compiler}"]
         if aarch64:
             configure.append(f"-DCMAKE_TOOLCHAIN_FILE={CSRC / 'cmake' / 'aarch64-linux-gnu.cmake'}")
+        print(f"qkvx.kernels: building {bdir} ...", file=sys.stderr, flush=True)
         targets = ["qkvx_kernels"] + ([TEST_BINARY] if tests else [])
         for cmd in (configure, [cmake, "--build", str(bdir), "-j", str(jobs), "--target", *targets]):
             run = subprocess.run(cmd, capture_output=not verbose, text=True)
@@ -97,4 +100,6 @@ def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None
                 tail = (run.stderr or run.stdout or "").strip().splitlines()[-15:] if not verbose else []
                 raise KernelsBuildError(f"building the qkvx kernels failed ({' '.join(cmd[:2])} ...):\n"
                                         + "\n".join(tail))
+        (bdir / ".built").touch()
+        stamp.touch()
     return lib
