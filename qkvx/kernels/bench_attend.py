@@ -14,8 +14,10 @@ intra-op threads for the RoPE transient).
 
 GB/s = bytes of cache the call must read (rows 0..S-1 of every cache tensor, plus int8 scales;
 RoPE tables not counted) / median time. "% stream" compares it with a single-thread streaming
-read measured in the same run (numpy sum over a 1 GiB float32 array, once per round). The host is
-shared: cases and thread counts are interleaved round by round and medians reported.
+read measured in the same run (numpy sum over a 1 GiB float32 array, once per round). "CPU ms" is
+the CPU time of all the process's threads per call: on a shared host, wall time well above it
+(1 thread) or above half of it (2 threads) means the threads waited for a core. Cases and thread
+counts are interleaved round by round and medians reported.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class Case:
     run: Callable[[], object]
     nbytes: int
     times: dict[int, list[float]] = field(default_factory=dict)  # threads -> seconds per call
+    cpu: dict[int, list[float]] = field(default_factory=dict)  # threads -> process CPU s per call
 
 
 def _qkvx_case(name, q, k, v=None, ks=None, vs=None, cos=None, sin=None) -> Case:
@@ -111,16 +114,17 @@ def stream_bandwidth(a: np.ndarray) -> float:
     return a.nbytes / (time.perf_counter() - t)
 
 
-def time_call(run: Callable[[], object], min_time: float) -> float:
+def time_call(run: Callable[[], object], min_time: float) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all this process's threads) per call."""
     run()  # warm: pool threads awake, pages mapped
     t = time.perf_counter()
     run()
     one = time.perf_counter() - t
     n = max(1, math.ceil(min_time / max(one, 1e-7)))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(n):
         run()
-    return (time.perf_counter() - t) / n
+    return (time.perf_counter() - t) / n, (time.process_time() - c) / n
 
 
 def set_threads(n: int) -> None:
@@ -168,12 +172,15 @@ def bench(contexts: list[int], threads: list[int], rounds: int, min_time: float,
             rng.shuffle(order)
             for case, t in order:
                 set_threads(t)
-                case.times.setdefault(t, []).append(time_call(case.run, min_time))
+                wall, cpu = time_call(case.run, min_time)
+                case.times.setdefault(t, []).append(wall)
+                case.cpu.setdefault(t, []).append(cpu)
             log(f"  context {S}: round {r + 1}/{rounds} done")
         for case in cases:
             for t in threads:
                 med = statistics.median(case.times[t])
                 rows.append(dict(context=S, variant=case.name, threads=t, ms=med * 1e3,
+                                 cpu_ms=statistics.median(case.cpu[t]) * 1e3,
                                  gbs=case.nbytes / med / 1e9, nbytes=case.nbytes,
                                  spread=(min(case.times[t]) * 1e3, max(case.times[t]) * 1e3)))
         del cases
@@ -184,14 +191,14 @@ def render(rows: list[dict], streams: list[float], threads: list[int]) -> str:
     stream = statistics.median(streams) / 1e9
     lines = [f"Single-thread streaming read (numpy sum, 1 GiB): median {stream:.1f} GB/s "
              f"(min {min(streams) / 1e9:.1f}, max {max(streams) / 1e9:.1f}, {len(streams)} samples)",
-             "", "| context | variant | threads | ms (median) | ms min..max | GB/s of cache | % stream | x vs 1 thread |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| context | variant | threads | ms (median) | ms min..max | CPU ms | GB/s of cache | % stream | x vs 1 thread |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     one = {(r["context"], r["variant"]): r["ms"] for r in rows if r["threads"] == 1}
     for r in rows:
         base = one.get((r["context"], r["variant"]))
         speedup = f"{base / r['ms']:.2f}" if base and r["threads"] != 1 else ""
         lines.append(f"| {r['context']} | {r['variant']} | {r['threads']} | {r['ms']:.3f} | "
-                     f"{r['spread'][0]:.3f}..{r['spread'][1]:.3f} | {r['gbs']:.1f} | "
+                     f"{r['spread'][0]:.3f}..{r['spread'][1]:.3f} | {r['cpu_ms']:.3f} | {r['gbs']:.1f} | "
                      f"{100 * r['gbs'] / stream:.0f} % | {speedup} |")
     return "\n".join(lines)
 
