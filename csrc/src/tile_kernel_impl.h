@@ -5,8 +5,9 @@
 //
 // Vt provides: W (lanes), V (vector type), zero, load, store, set1, add, sub, mul,
 // fma(a, b, c) = a * b + c, to_float(const uint16_t* half, float*, n), to_float(const int8_t*,
-// float*, n) (n % W == 0), reduce8(const V acc[8], float out[8]) (horizontal sums), max8 / sum8
-// (of 8 floats), exp(V) for arguments <= 0 that returns exactly 0 below kMinExponent.
+// float*, n) (n % W == 0), prefetch(const char*) (one cache line), reduce8(const V acc[8],
+// float out[8]) (horizontal sums), max8 / sum8 (of 8 floats), exp(V) for arguments <= 0 that
+// returns exactly 0 below kMinExponent.
 #include <algorithm>
 #include <cmath>
 
@@ -18,16 +19,19 @@ namespace {
 
 constexpr int kBlock = 8;  // rows fetched together: their scores share one exp and max
 
-// Cache rows are prefetched this many rows ahead of the block being read. A tile is a short
-// stream (with RoPE, 256 rows of one head before the next head's), too short for the hardware
-// prefetcher to ramp up; prefetching stays inside the tile, so nothing past it is touched.
-constexpr int64_t kPrefetchRows = 16;
+// Cache rows are prefetched this many bytes ahead of the block being read: the compute between
+// loads keeps too few misses in flight for the memory latency, and a tile can be a short stream
+// (with RoPE, a few thousand rows of one head before the next head's) for the hardware prefetcher
+// to ramp up on. Prefetching stays inside the tile, so nothing past it is touched.
+constexpr int64_t kPrefetchBytes = 10 * 1024;
 
-template <int DT>
+// Vt::prefetch is an asm statement where it matters: GCC drops a loop of __builtin_prefetch
+// calls once it is inlined into this kernel.
+template <class Vt, int DT>
 inline void prefetch_rows(const void* base, int64_t r0, int64_t r1, int64_t D) {
   const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
   const char* p = static_cast<const char*>(base);
-  for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) __builtin_prefetch(p + off);
+  for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) Vt::prefetch(p + off);
 }
 
 // Softmax weights below e^kMinExponent (relative to the running max) are exactly 0: at fp32 they
@@ -170,12 +174,14 @@ void tile_loop(const Tile& t) {
   auto prefetch = [&](int64_t r0, int64_t r1) {
     r1 = std::min(r1, t.rows);
     if (r0 >= r1) return;
-    prefetch_rows<DT>(t.k, r0, r1, D);
-    if (!shared) prefetch_rows<DT>(t.v, r0, r1, D);
+    prefetch_rows<Vt, DT>(t.k, r0, r1, D);
+    if (!shared) prefetch_rows<Vt, DT>(t.v, r0, r1, D);
   };
-  prefetch(0, kPrefetchRows);
+  const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  const int64_t ahead = std::max<int64_t>(kBlock, kPrefetchBytes / (D * es));
+  prefetch(0, ahead);
   for (int64_t b = 0; b < t.rows; b += kBlock) {
-    prefetch(b + kPrefetchRows, b + kPrefetchRows + kBlock);
+    prefetch(b + ahead, b + ahead + kBlock);
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
     const int64_t s0 = t.row0 + b;  // cache position of the block's first row
     const float* krow[kBlock];

@@ -25,6 +25,7 @@ struct Scalar {
   static void to_float(const int8_t* q, float* dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(q[i]);
   }
+  static void prefetch(const char* p) { __builtin_prefetch(p); }
   static void reduce8(const V* acc, float* out) {
     for (int j = 0; j < 8; ++j) out[j] = acc[j];
   }
