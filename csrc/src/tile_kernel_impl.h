@@ -3,7 +3,8 @@
 // namespace: each instantiating TU is compiled with different target flags, and a shared inline
 // symbol could otherwise be resolved to the AVX2 copy on a CPU without AVX2.
 //
-// Vt provides: W (lanes), V (vector type), zero, load, store, set1, add, sub, mul,
+// Vt provides: W (lanes), V (vector type), zero, load, load_half, load_int8 (W elements as fp32
+// lanes), store, set1, add, sub, mul,
 // fma(a, b, c) = a * b + c, to_float(const uint16_t* half, float*, n), to_float(const int8_t*,
 // float*, n) (n % W == 0), prefetch(const char*) (one cache line), reduce8(const V acc[8],
 // float out[8]) (horizontal sums), max8 / sum8 (of 8 floats), exp(V) for arguments <= 0 that
@@ -64,14 +65,22 @@ inline void rotate_row(const float* x, const float* c, const float* s, float* k,
   }
 }
 
-// out[j] = q . k[j] for the 8 rows of a block (padding rows point at a real row).
-template <class Vt>
-inline void dot_block(const float* q, const float* const* k, int64_t D, float* out) {
+// Elements d .. d+W-1 of a row whose elements are of type ET, as fp32 lanes.
+template <class Vt, int ET>
+inline typename Vt::V ld(const void* row, int64_t d) {
+  if (ET == QKVX_FLOAT32) return Vt::load(static_cast<const float*>(row) + d);
+  if (ET == QKVX_FLOAT16) return Vt::load_half(static_cast<const uint16_t*>(row) + d);
+  return Vt::load_int8(static_cast<const int8_t*>(row) + d);
+}
+
+// out[j] = q . k[j] for the 8 rows of a block (padding rows point at a real row); rows of KT.
+template <class Vt, int KT>
+inline void dot_block(const float* q, const void* const* k, int64_t D, float* out) {
   typename Vt::V acc[kBlock];
   for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
   for (int64_t d = 0; d < D; d += Vt::W) {
     const auto qv = Vt::load(q + d);
-    for (int j = 0; j < kBlock; ++j) acc[j] = Vt::fma(qv, Vt::load(k[j] + d), acc[j]);
+    for (int j = 0; j < kBlock; ++j) acc[j] = Vt::fma(qv, ld<Vt, KT>(k[j], d), acc[j]);
   }
   Vt::reduce8(acc, out);
 }
@@ -90,10 +99,10 @@ inline float exp_block(const float* sc, int n, float mx, float* w) {
   return Vt::sum8(w);
 }
 
-// acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns; NV = kBlock for a full
-// block (unrolled, weights broadcast once), 0 for a partial one (nv rows).
-template <class Vt, int NV>
-inline void accumulate(float* acc, int64_t D, const float* w, const float* const* v, int nv,
+// acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns, rows of VT; NV = kBlock
+// for a full block (unrolled, weights broadcast once), 0 for a partial one (nv rows).
+template <class Vt, int NV, int VT>
+inline void accumulate(float* acc, int64_t D, const float* w, const void* const* v, int nv,
                        bool rescale, float alpha) {
   const auto a = Vt::set1(alpha);
   if (NV == kBlock) {
@@ -102,9 +111,9 @@ inline void accumulate(float* acc, int64_t D, const float* w, const float* const
     for (int64_t d = 0; d < D; d += Vt::W) {
       auto x = Vt::load(acc + d);
       if (rescale) x = Vt::mul(x, a);
-      auto y = Vt::mul(wv[0], Vt::load(v[0] + d));  // two chains: half the FMA latency
-      for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], Vt::load(v[j] + d), x);
-      for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], Vt::load(v[j] + d), y);
+      auto y = Vt::mul(wv[0], ld<Vt, VT>(v[0], d));  // two chains: half the FMA latency
+      for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), x);
+      for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), y);
       Vt::store(acc + d, Vt::add(x, y));
     }
     return;
@@ -112,19 +121,20 @@ inline void accumulate(float* acc, int64_t D, const float* w, const float* const
   for (int64_t d = 0; d < D; d += Vt::W) {
     auto x = Vt::load(acc + d);
     if (rescale) x = Vt::mul(x, a);
-    for (int j = 0; j < nv; ++j) x = Vt::fma(Vt::set1(w[j]), Vt::load(v[j] + d), x);
+    for (int j = 0; j < nv; ++j) x = Vt::fma(Vt::set1(w[j]), ld<Vt, VT>(v[j], d), x);
     Vt::store(acc + d, x);
   }
 }
 
 // Folds one block's rows (n of them; n == kBlock is the common, fully unrolled case) into query
-// row m's running (max, sum, acc).
-template <class Vt, int DT, bool Full>
-inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const float* const* krow,
-                       const float* const* vrow, int64_t D) {
+// row m's running (max, sum, acc). Key rows are of type KT, value rows of VT: the cache dtype
+// read directly, or fp32 rows converted / rotated once for several query rows.
+template <class Vt, int DT, bool Full, int KT, int VT>
+inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const void* const* krow,
+                       const void* const* vrow, int64_t D) {
   const int n = Full ? kBlock : nv;
   alignas(32) float sc[kBlock];
-  dot_block<Vt>(t.q + m * D, krow, D, sc);
+  dot_block<Vt, KT>(t.q + m * D, krow, D, sc);
   float bmax;
   if (Full) {  // all 8 rows visible and inside the tile: scales load as vectors
     if (DT == QKVX_INT8) {
@@ -160,7 +170,7 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const float*
       for (int j = 0; j < n; ++j) w[j] *= t.v_scale[b + j];
     }
   }
-  accumulate<Vt, Full ? kBlock : 0>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
+  accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
 }
 
 // DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every
@@ -178,17 +188,25 @@ void tile_loop(const Tile& t) {
     if (!shared) prefetch_rows<Vt, DT>(t.v, r0, r1, D);
   };
   const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  // One query row without RoPE reads every row in the cache dtype as it goes; otherwise rows are
+  // converted (and rotated) to fp32 once and then serve all M query rows.
+  const bool direct = t.M == 1 && !rope;
   const int64_t ahead = std::max<int64_t>(kBlock, kPrefetchBytes / (D * es));
   prefetch(0, ahead);
   for (int64_t b = 0; b < t.rows; b += kBlock) {
     prefetch(b + ahead, b + ahead + kBlock);
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
     const int64_t s0 = t.row0 + b;  // cache position of the block's first row
-    const float* krow[kBlock];
-    const float* vrow[kBlock];
+    const void* krow[kBlock];
+    const void* vrow[kBlock];
     // The only read of these cache rows: each serves every query row's score and value.
     for (int j = 0; j < nb; ++j) {
       const int64_t r = b + j;
+      if (direct) {  // one query row: convert while computing, nothing stored
+        krow[j] = static_cast<const char*>(t.k) + r * D * es;
+        vrow[j] = static_cast<const char*>(t.v) + r * D * es;
+        continue;
+      }
       float* kslot = kbuf + j * D;
       float* vslot = vbuf + j * D;
       const float* kraw = fetch_row<Vt, DT>(t.k, r, D, shared && rope ? vslot : kslot);
@@ -205,10 +223,14 @@ void tile_loop(const Tile& t) {
       const int64_t visible = t.limit[m] - s0 + 1;  // causal: rows s0 .. limit[m]
       if (visible <= 0) continue;
       const int nv = visible < nb ? static_cast<int>(visible) : nb;
-      if (nv == kBlock) {
-        fold_block<Vt, DT, true>(t, m, b, nv, krow, vrow, D);
+      if (direct && nv == kBlock) {
+        fold_block<Vt, DT, true, DT, DT>(t, m, b, nv, krow, vrow, D);
+      } else if (direct) {
+        fold_block<Vt, DT, false, DT, DT>(t, m, b, nv, krow, vrow, D);
+      } else if (nv == kBlock) {
+        fold_block<Vt, DT, true, QKVX_FLOAT32, QKVX_FLOAT32>(t, m, b, nv, krow, vrow, D);
       } else {
-        fold_block<Vt, DT, false>(t, m, b, nv, krow, vrow, D);
+        fold_block<Vt, DT, false, QKVX_FLOAT32, QKVX_FLOAT32>(t, m, b, nv, krow, vrow, D);
       }
     }
   }

@@ -1,6 +1,8 @@
 // aarch64 path: NEON (always present on AArch64; fp16 rows through vcvt_f32_f16).
 #include <arm_neon.h>
 
+#include <cstring>
+
 #include "tile_kernel_impl.h"
 
 namespace qkvx {
@@ -11,6 +13,13 @@ struct Neon {
   using V = float32x4_t;
   static V zero() { return vdupq_n_f32(0.0f); }
   static V load(const float* p) { return vld1q_f32(p); }
+  static V load_half(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+  static V load_int8(const int8_t* p) {
+    int32_t w;
+    std::memcpy(&w, p, 4);  // 4 bytes: no over-read past the row
+    const int16x8_t h = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+  }
   static void store(float* p, V x) { vst1q_f32(p, x); }
   static V set1(float x) { return vdupq_n_f32(x); }
   static V add(V a, V b) { return vaddq_f32(a, b); }

@@ -13,6 +13,8 @@ struct Scalar {
   using V = float;
   static V zero() { return 0.0f; }
   static V load(const float* p) { return *p; }
+  static V load_half(const uint16_t* p) { return half_to_float(*p); }
+  static V load_int8(const int8_t* p) { return static_cast<float>(*p); }
   static void store(float* p, V x) { *p = x; }
   static V set1(float x) { return x; }
   static V add(V a, V b) { return a + b; }
