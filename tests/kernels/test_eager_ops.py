@@ -146,3 +146,23 @@ def test_bad_arguments_raise_one_line_value_error(kernels, call, message):
     with pytest.raises(ValueError) as e:
         call()
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("T, start", [(1, 0), (1, 200), (16, 100)])
+def test_attend_agrees_with_executorch_custom_sdpa(kernels, T, start):
+    """A second, independent implementation: ExecuTorch's llama::custom_sdpa on the same cache in
+    its [1, S, H, D] layout (fp32, no RoPE), keys and values the same tensor for K=V."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+    gen = torch.Generator().manual_seed(11)
+    H, D, S = 4, 32, 256
+    q = torch.randn(1, T, H, D, generator=gen)
+    kv = torch.randn(1, H, S, D, generator=gen)
+    other = torch.randn(1, H, S, D, generator=gen)
+    lk, lv = kv.transpose(1, 2).contiguous(), other.transpose(1, 2).contiguous()
+    torch.testing.assert_close(torch.ops.qkvx.attend(q, kv, None, None, None, None, None, start),
+                               torch.ops.llama.custom_sdpa(q, lk, lk, start, None, 0.0, True),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.ops.qkvx.attend(q, kv, other, None, None, None, None, start),
+                               torch.ops.llama.custom_sdpa(q, lk, lv, start, None, 0.0, True),
+                               atol=1e-5, rtol=1e-5)
