@@ -62,7 +62,8 @@ QKVX_API const char* qkvx_last_error(void);
 
 /* Threads of the pool the kernels split work over (ExecuTorch's threadpool when built with it;
  * shared with XNNPACK and the ExecuTorch runtime in the same process). Returns the count in
- * effect afterwards; 1 when built without a threadpool. */
+ * effect afterwards; 1 when built without a threadpool. Setting it replaces the pool: call it
+ * only while no other thread runs work on the pool (ExecuTorch's _unsafe_reset_threadpool). */
 QKVX_API int qkvx_set_num_threads(int n);
 QKVX_API int qkvx_num_threads(void);
 
