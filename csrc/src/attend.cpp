@@ -1,0 +1,206 @@
+// The attention driver: splits the causal prefix 0 .. start_pos+T-1 into sequence chunks (one per
+// pool thread), runs the tile kernel over every (chunk, kv head), then merges the chunks' partial
+// softmax states per query row.
+//
+// Shapes: q [1, T, H, D], caches [1, G, S, D] (heads before tokens), R = H / G query heads per kv
+// head, M = R * T query rows per kv head (row m = t * R + r is query head g * R + r at token t).
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "core.h"
+#include "parallel.h"
+#include "tile_kernel.h"
+
+namespace qkvx {
+namespace {
+
+std::atomic<bool> g_force_portable{false};
+std::atomic<int64_t> g_chunk_rows{0};
+
+// Below this many cache bytes per chunk, waking a second thread costs more than it saves.
+constexpr int64_t kMinChunkBytes = 256 * 1024;
+// Chunks per pool thread when splitting: a thread that finishes early (or a core that is busy
+// with another process) evens out by taking more of them.
+constexpr int64_t kChunksPerThread = 4;
+// With RoPE a tile visits every kv head over the same positions, so its cos/sin rows are read
+// from memory once and from cache for the other heads. Tiles stay long (the tables of one tile
+// fill this budget): each head's rows of a tile are one contiguous stream, and short per-head
+// streams starve the hardware prefetcher.
+constexpr int64_t kRopeTileTableBytes = 2 * 1024 * 1024;
+
+int64_t elem_bytes(int32_t dtype) {
+  return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+bool avx2_usable() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
+TileKernel choose_kernel(int64_t D, bool rope) {
+  if (g_force_portable.load()) return tile_kernel_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (avx2_usable() && D % 8 == 0 && (!rope || D % 16 == 0)) return tile_kernel_avx2;
+#endif
+#if defined(__aarch64__)
+  if (D % 4 == 0 && (!rope || D % 8 == 0)) return tile_kernel_neon;
+#endif
+  (void)D;
+  (void)rope;
+  return tile_kernel_portable;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+void set_force_portable(bool on) { g_force_portable.store(on); }
+bool force_portable() { return g_force_portable.load(); }
+void set_chunk_rows(int64_t rows) { g_chunk_rows.store(rows < 0 ? 0 : rows); }
+int64_t chunk_rows() { return g_chunk_rows.load(); }
+
+const char* simd_path() {
+  if (g_force_portable.load()) return "portable";
+#if defined(__aarch64__)
+  return "neon";
+#else
+  return avx2_usable() ? "avx2" : "portable";
+#endif
+}
+
+Status attend(const AttendArgs& a) {
+  Status st = check_attend(a);
+  if (!st.ok()) return st;
+  const int64_t T = a.q->sizes[1], H = a.q->sizes[2], D = a.q->sizes[3];
+  const int64_t G = a.k_cache->sizes[1], S = a.k_cache->sizes[2];
+  if (T == 0) return st;
+  const int64_t R = H / G, M = R * T, n_keys = a.start_pos + T;
+  const int32_t dtype = a.k_cache->dtype;
+  const bool shared = a.v_cache == nullptr, rope = a.rope_cos != nullptr;
+  const TileKernel kernel = choose_kernel(D, rope);
+
+  // Sequence chunks: kChunksPerThread per pool thread, none smaller than kMinChunkBytes, and
+  // exactly one when single-threaded (no split and no merge cost then).
+  int64_t chunk = g_chunk_rows.load();
+  if (chunk <= 0) {
+    const int64_t row_bytes = G * D * elem_bytes(dtype) * (shared ? 1 : 2);
+    const int64_t min_rows = ceil_div(kMinChunkBytes, row_bytes > 0 ? row_bytes : 1);
+    const int64_t threads = thread_count();
+    int64_t n = threads > 1 ? threads * kChunksPerThread : 1;
+    if (n > ceil_div(n_keys, min_rows)) n = ceil_div(n_keys, min_rows);
+    if (n < 1) n = 1;
+    chunk = ceil_div(ceil_div(n_keys, n), 8) * 8;  // whole blocks of rows
+  }
+  const int64_t n_chunks = ceil_div(n_keys, chunk);
+  const int64_t rope_rows = kRopeTileTableBytes / (2 * D * static_cast<int64_t>(sizeof(float)));
+  const int64_t tile_rows = rope ? (rope_rows > 256 ? rope_rows : 256) : chunk;
+
+  // Queries regrouped per kv head and pre-scaled by 1/sqrt(D): qg [G][M][D]; limit [M].
+  // Per chunk state: acc [G][M][D], then max [G][M], then sum [G][M].
+  const int64_t state_per_chunk = G * M * (D + 2);
+  std::unique_ptr<float[]> qg(new (std::nothrow) float[G * M * D]);
+  std::unique_ptr<int64_t[]> limit(new (std::nothrow) int64_t[M]);
+  std::unique_ptr<float[]> state(new (std::nothrow) float[n_chunks * state_per_chunk]);
+  if (!qg || !limit || !state) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* q = static_cast<const float*>(a.q->data);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t t = m / R, h = g * R + m % R;
+      const float* src = q + (t * H + h) * D;
+      float* dst = qg.get() + (g * M + m) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) limit[m] = a.start_pos + m / R;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    float* s = state.get() + c * state_per_chunk;
+    for (int64_t i = 0; i < G * M * D; ++i) s[i] = 0.0f;
+    for (int64_t i = 0; i < G * M; ++i) s[G * M * D + i] = neg_inf, s[G * M * (D + 1) + i] = 0.0f;
+  }
+
+  const int64_t eb = elem_bytes(dtype);
+  const char* kbase = static_cast<const char*>(a.k_cache->data);
+  const char* vbase = shared ? kbase : static_cast<const char*>(a.v_cache->data);
+  const float* ks = a.k_scale ? static_cast<const float*>(a.k_scale->data) : nullptr;
+  const float* vs = shared ? ks : a.v_scale ? static_cast<const float*>(a.v_scale->data) : nullptr;
+  const float* cosp = rope ? static_cast<const float*>(a.rope_cos->data) : nullptr;
+  const float* sinp = rope ? static_cast<const float*>(a.rope_sin->data) : nullptr;
+  std::atomic<bool> oom{false};
+
+  run_parallel(n_chunks, [&](int64_t c_begin, int64_t c_end) {
+    std::unique_ptr<float[]> scratch(new (std::nothrow) float[tile_scratch_floats(D)]);
+    if (!scratch) {
+      oom.store(true);
+      return;
+    }
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      float* s = state.get() + c * state_per_chunk;
+      const int64_t c_end_row = (c + 1) * chunk < n_keys ? (c + 1) * chunk : n_keys;
+      for (int64_t r0 = c * chunk; r0 < c_end_row; r0 += tile_rows) {
+        const int64_t rows = c_end_row - r0 < tile_rows ? c_end_row - r0 : tile_rows;
+        for (int64_t g = 0; g < G; ++g) {
+          Tile t;
+          const int64_t row = g * S + r0;  // first row of the tile in this head plane
+          t.k = kbase + row * D * eb;
+          t.v = vbase + row * D * eb;
+          t.k_scale = ks ? ks + row : nullptr;
+          t.v_scale = vs ? vs + row : nullptr;
+          t.cos = cosp ? cosp + r0 * D : nullptr;
+          t.sin = sinp ? sinp + r0 * D : nullptr;
+          t.dtype = dtype;
+          t.row0 = r0;
+          t.rows = rows;
+          t.D = D;
+          t.M = M;
+          t.q = qg.get() + g * M * D;
+          t.limit = limit.get();
+          t.acc = s + g * M * D;
+          t.run_max = s + G * M * D + g * M;
+          t.run_sum = s + G * M * (D + 1) + g * M;
+          t.scratch = scratch.get();
+          kernel(t);
+        }
+      }
+    }
+  });
+  if (oom.load()) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
+
+  // Merge: out = sum_c e^(max_c - max) acc_c / sum_c e^(max_c - max) sum_c. Every query row sees
+  // position 0, so at least one chunk has a finite max for it.
+  float* out = static_cast<float*>(a.out->data);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t t = m / R, h = g * R + m % R;
+      float* dst = out + (t * H + h) * D;
+      float mx = neg_inf;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float v = state[c * state_per_chunk + G * M * D + g * M + m];
+        mx = v > mx ? v : mx;
+      }
+      float denom = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* s = state.get() + c * state_per_chunk;
+        const float cmax = s[G * M * D + g * M + m];
+        if (cmax == neg_inf) continue;  // this chunk lies wholly after the row's causal limit
+        const float f = n_chunks == 1 ? 1.0f : std::exp(cmax - mx);
+        denom += f * s[G * M * (D + 1) + g * M + m];
+        const float* acc = s + (g * M + m) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += f * acc[d];
+      }
+      const float inv = 1.0f / denom;
+      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+    }
+  }
+  return st;
+}
+
+}  // namespace qkvx

@@ -1,0 +1,49 @@
+// The per-head inner loop of the attention: one kv head, one tile of consecutive cache rows, all
+// M query rows that read this kv head (M = R query heads x T queries), folded into a running
+// (max, sum, accumulator) per query row: the online softmax.
+//
+// Three instantiations of one template (tile_kernel_impl.h): portable scalar, AVX2/FMA/F16C
+// (its own translation unit compiled with those flags, chosen at run time) and NEON.
+#pragma once
+
+#include <cstdint>
+
+namespace qkvx {
+
+struct Tile {
+  // The cache rows of this tile in one head plane: row r of the tile is cache position row0 + r.
+  const void* k = nullptr;        // [rows][D] of dtype
+  const void* v = nullptr;        // [rows][D]; == k for K=V
+  const float* k_scale = nullptr;  // [rows] (int8 only)
+  const float* v_scale = nullptr;  // [rows] (int8 only)
+  const float* cos = nullptr;      // [rows][D] RoPE table rows of the same positions, or null
+  const float* sin = nullptr;
+  int32_t dtype = 0;               // QKVX_FLOAT32 | QKVX_FLOAT16 | QKVX_INT8
+  int64_t row0 = 0;
+  int64_t rows = 0;
+  int64_t D = 0;
+  // Query side.
+  int64_t M = 0;
+  const float* q = nullptr;          // [M][D], already multiplied by 1/sqrt(D)
+  const int64_t* limit = nullptr;    // [M]: query row m sees cache positions <= limit[m]
+  // Running state of this (chunk, kv head), updated in place.
+  float* run_max = nullptr;  // [M], -inf before the first visible row
+  float* run_sum = nullptr;  // [M]
+  float* acc = nullptr;      // [M][D], sum of softmax weight x value row, unnormalized
+  float* scratch = nullptr;  // >= tile_scratch_floats(D)
+};
+
+// Floats of scratch one tile call needs: converted / rotated key and value rows of one block.
+inline int64_t tile_scratch_floats(int64_t D) { return 2 * 8 * D; }
+
+using TileKernel = void (*)(const Tile&);
+
+void tile_kernel_portable(const Tile& t);
+#if defined(__x86_64__) || defined(_M_X64)
+void tile_kernel_avx2(const Tile& t);  // needs AVX2 + FMA + F16C, D % 8 == 0 (RoPE: D % 16 == 0)
+#endif
+#if defined(__aarch64__)
+void tile_kernel_neon(const Tile& t);  // D % 4 == 0 (RoPE: D % 8 == 0)
+#endif
+
+}  // namespace qkvx

@@ -1,0 +1,258 @@
+// The tile kernel, written once over a small vector-traits struct `Vt` that the including
+// translation unit defines (portable scalar, AVX2, NEON). Everything here sits in an anonymous
+// namespace: each instantiating TU is compiled with different target flags, and a shared inline
+// symbol could otherwise be resolved to the AVX2 copy on a CPU without AVX2.
+//
+// Vt provides: W (lanes), V (vector type), zero, load, load_half, load_int8 (W elements as fp32
+// lanes), store, set1, add, sub, mul,
+// fma(a, b, c) = a * b + c, to_float(const uint16_t* half, float*, n), to_float(const int8_t*,
+// float*, n) (n % W == 0), prefetch(const char*) (one cache line), reduce8(const V acc[8],
+// float out[8]) (horizontal sums), max8 / sum8 (of 8 floats), exp(V) for arguments <= 0 that
+// returns exactly 0 below kMinExponent.
+#include <algorithm>
+#include <cmath>
+
+#include "qkvx/kernels.h"
+#include "tile_kernel.h"
+
+namespace qkvx {
+namespace {
+
+constexpr int kBlock = 8;  // rows fetched together: their scores share one exp and max
+
+// Cache rows are prefetched this many bytes ahead of the block being read: the compute between
+// loads keeps too few misses in flight for the memory latency, and a tile can be a short stream
+// (with RoPE, a few thousand rows of one head before the next head's) for the hardware prefetcher
+// to ramp up on. Prefetching stays inside the tile, so nothing past it is touched.
+constexpr int64_t kPrefetchBytes = 10 * 1024;
+
+// Vt::prefetch is an asm statement where it matters: GCC drops a loop of __builtin_prefetch
+// calls once it is inlined into this kernel.
+template <class Vt, int DT>
+inline void prefetch_rows(const void* base, int64_t r0, int64_t r1, int64_t D) {
+  const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  const char* p = static_cast<const char*>(base);
+  for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) Vt::prefetch(p + off);
+}
+
+// Softmax weights below e^kMinExponent (relative to the running max) are exactly 0: at fp32 they
+// cannot change a sum whose largest term is 1, and as denormals they would slow every FMA.
+constexpr float kMinExponent = -60.0f;
+
+// Row r of a head plane as fp32: the cache row itself (fp32) or converted into dst.
+template <class Vt, int DT>
+inline const float* fetch_row(const void* base, int64_t r, int64_t D, float* dst) {
+  if (DT == QKVX_FLOAT32) return static_cast<const float*>(base) + r * D;
+  if (DT == QKVX_FLOAT16) {
+    Vt::to_float(static_cast<const uint16_t*>(base) + r * D, dst, D);
+  } else {
+    Vt::to_float(static_cast<const int8_t*>(base) + r * D, dst, D);
+  }
+  return dst;
+}
+
+// HF rotate_half RoPE of one row: k = x * cos + cat(-x2, x1) * sin. In place (k == x) is fine:
+// each step reads both halves before writing them.
+template <class Vt>
+inline void rotate_row(const float* x, const float* c, const float* s, float* k, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; i += Vt::W) {
+    const auto x1 = Vt::load(x + i), x2 = Vt::load(x + h + i);
+    const auto lo = Vt::sub(Vt::mul(x1, Vt::load(c + i)), Vt::mul(x2, Vt::load(s + i)));
+    const auto hi = Vt::fma(x1, Vt::load(s + h + i), Vt::mul(x2, Vt::load(c + h + i)));
+    Vt::store(k + i, lo);
+    Vt::store(k + h + i, hi);
+  }
+}
+
+// Elements d .. d+W-1 of a row whose elements are of type ET, as fp32 lanes.
+template <class Vt, int ET>
+inline typename Vt::V ld(const void* row, int64_t d) {
+  if (ET == QKVX_FLOAT32) return Vt::load(static_cast<const float*>(row) + d);
+  if (ET == QKVX_FLOAT16) return Vt::load_half(static_cast<const uint16_t*>(row) + d);
+  return Vt::load_int8(static_cast<const int8_t*>(row) + d);
+}
+
+// out[j] = q . k[j] for the 8 rows of a block (padding rows point at a real row); rows of KT.
+template <class Vt, int KT>
+inline void dot_block(const float* q, const void* const* k, int64_t D, float* out) {
+  typename Vt::V acc[kBlock];
+  for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
+  for (int64_t d = 0; d < D; d += Vt::W) {
+    const auto qv = Vt::load(q + d);
+    for (int j = 0; j < kBlock; ++j) acc[j] = Vt::fma(qv, ld<Vt, KT>(k[j], d), acc[j]);
+  }
+  Vt::reduce8(acc, out);
+}
+
+// w[j] = exp(sc[j] - mx) for j < n, 0 past n; returns their sum. Full blocks stay in vectors.
+template <class Vt, bool Full>
+inline float exp_block(const float* sc, int n, float mx, float* w) {
+  alignas(32) float x[kBlock];
+  const float* src = sc;
+  if (!Full) {
+    for (int j = 0; j < kBlock; ++j) x[j] = j < n ? sc[j] : mx - 100.0f;
+    src = x;
+  }
+  const auto m = Vt::set1(mx);
+  for (int j = 0; j < kBlock; j += Vt::W) Vt::store(w + j, Vt::exp(Vt::sub(Vt::load(src + j), m)));
+  return Vt::sum8(w);
+}
+
+// acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns, rows of VT; NV = kBlock
+// for a full block (unrolled, weights broadcast once), 0 for a partial one (nv rows).
+template <class Vt, int NV, int VT>
+inline void accumulate(float* acc, int64_t D, const float* w, const void* const* v, int nv,
+                       bool rescale, float alpha) {
+  const auto a = Vt::set1(alpha);
+  if (NV == kBlock) {
+    typename Vt::V wv[kBlock];
+    for (int j = 0; j < kBlock; ++j) wv[j] = Vt::set1(w[j]);
+    for (int64_t d = 0; d < D; d += Vt::W) {
+      auto x = Vt::load(acc + d);
+      if (rescale) x = Vt::mul(x, a);
+      auto y = Vt::mul(wv[0], ld<Vt, VT>(v[0], d));  // two chains: half the FMA latency
+      for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), x);
+      for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), y);
+      Vt::store(acc + d, Vt::add(x, y));
+    }
+    return;
+  }
+  for (int64_t d = 0; d < D; d += Vt::W) {
+    auto x = Vt::load(acc + d);
+    if (rescale) x = Vt::mul(x, a);
+    for (int j = 0; j < nv; ++j) x = Vt::fma(Vt::set1(w[j]), ld<Vt, VT>(v[j], d), x);
+    Vt::store(acc + d, x);
+  }
+}
+
+// Folds one block's rows (n of them; n == kBlock is the common, fully unrolled case) into query
+// row m's running (max, sum, acc). Key rows are of type KT, value rows of VT: the cache dtype
+// read directly, or fp32 rows converted / rotated once for several query rows.
+template <class Vt, int DT, bool Full, int KT, int VT>
+inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const void* const* krow,
+                       const void* const* vrow, int64_t D) {
+  const int n = Full ? kBlock : nv;
+  alignas(32) float sc[kBlock];
+  dot_block<Vt, KT>(t.q + m * D, krow, D, sc);
+  float bmax;
+  if (Full) {  // all 8 rows visible and inside the tile: scales load as vectors
+    if (DT == QKVX_INT8) {
+      for (int j = 0; j < kBlock; j += Vt::W) {
+        Vt::store(sc + j, Vt::mul(Vt::load(sc + j), Vt::load(t.k_scale + b + j)));
+      }
+    }
+    bmax = Vt::max8(sc);
+  } else {
+    if (DT == QKVX_INT8) {
+      for (int j = 0; j < n; ++j) sc[j] *= t.k_scale[b + j];
+    }
+    bmax = sc[0];
+    for (int j = 1; j < n; ++j) bmax = std::max(bmax, sc[j]);
+  }
+  float& mx = t.run_max[m];
+  bool rescale = false;
+  float alpha = 1.0f;
+  if (bmax > mx) {  // the running max moves: earlier weights shrink by exp(old - new)
+    alpha = mx - bmax < kMinExponent ? 0.0f : std::exp(mx - bmax);
+    rescale = true;
+    mx = bmax;
+    t.run_sum[m] *= alpha;
+  }
+  alignas(32) float w[kBlock];
+  t.run_sum[m] += exp_block<Vt, Full>(sc, n, mx, w);
+  if (DT == QKVX_INT8) {
+    if (Full) {
+      for (int j = 0; j < kBlock; j += Vt::W) {
+        Vt::store(w + j, Vt::mul(Vt::load(w + j), Vt::load(t.v_scale + b + j)));
+      }
+    } else {
+      for (int j = 0; j < n; ++j) w[j] *= t.v_scale[b + j];
+    }
+  }
+  accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
+}
+
+// DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every
+// row-length loop unrolled.
+template <class Vt, int DT, int DC>
+void tile_loop(const Tile& t) {
+  const int64_t D = DC ? DC : t.D;
+  float* kbuf = t.scratch;               // [8][D]: keys as fp32 (rotated with RoPE)
+  float* vbuf = t.scratch + kBlock * D;  // [8][D]: values as fp32
+  const bool shared = t.v == t.k, rope = t.cos != nullptr;
+  auto prefetch = [&](int64_t r0, int64_t r1) {
+    r1 = std::min(r1, t.rows);
+    if (r0 >= r1) return;
+    prefetch_rows<Vt, DT>(t.k, r0, r1, D);
+    if (!shared) prefetch_rows<Vt, DT>(t.v, r0, r1, D);
+  };
+  const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  // One query row without RoPE reads every row in the cache dtype as it goes; otherwise rows are
+  // converted (and rotated) to fp32 once and then serve all M query rows.
+  const bool direct = t.M == 1 && !rope;
+  const int64_t ahead = std::max<int64_t>(kBlock, kPrefetchBytes / (D * es));
+  prefetch(0, ahead);
+  for (int64_t b = 0; b < t.rows; b += kBlock) {
+    prefetch(b + ahead, b + ahead + kBlock);
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
+    const int64_t s0 = t.row0 + b;  // cache position of the block's first row
+    const void* krow[kBlock];
+    const void* vrow[kBlock];
+    // The only read of these cache rows: each serves every query row's score and value.
+    for (int j = 0; j < nb; ++j) {
+      const int64_t r = b + j;
+      if (direct) {  // one query row: convert while computing, nothing stored
+        krow[j] = static_cast<const char*>(t.k) + r * D * es;
+        vrow[j] = static_cast<const char*>(t.v) + r * D * es;
+        continue;
+      }
+      float* kslot = kbuf + j * D;
+      float* vslot = vbuf + j * D;
+      const float* kraw = fetch_row<Vt, DT>(t.k, r, D, shared && rope ? vslot : kslot);
+      if (rope) {
+        rotate_row<Vt>(kraw, t.cos + r * D, t.sin + r * D, kslot, D);
+        krow[j] = kslot;
+      } else {
+        krow[j] = kraw;
+      }
+      vrow[j] = shared ? kraw : fetch_row<Vt, DT>(t.v, r, D, vslot);
+    }
+    for (int j = nb; j < kBlock; ++j) krow[j] = krow[0];
+    for (int64_t m = 0; m < t.M; ++m) {
+      const int64_t visible = t.limit[m] - s0 + 1;  // causal: rows s0 .. limit[m]
+      if (visible <= 0) continue;
+      const int nv = visible < nb ? static_cast<int>(visible) : nb;
+      if (direct && nv == kBlock) {
+        fold_block<Vt, DT, true, DT, DT>(t, m, b, nv, krow, vrow, D);
+      } else if (direct) {
+        fold_block<Vt, DT, false, DT, DT>(t, m, b, nv, krow, vrow, D);
+      } else if (nv == kBlock) {
+        fold_block<Vt, DT, true, QKVX_FLOAT32, QKVX_FLOAT32>(t, m, b, nv, krow, vrow, D);
+      } else {
+        fold_block<Vt, DT, false, QKVX_FLOAT32, QKVX_FLOAT32>(t, m, b, nv, krow, vrow, D);
+      }
+    }
+  }
+}
+
+template <class Vt, int DT>
+void tile_dtype(const Tile& t) {
+  switch (t.D) {
+    case 64: tile_loop<Vt, DT, 64>(t); break;
+    case 128: tile_loop<Vt, DT, 128>(t); break;
+    default: tile_loop<Vt, DT, 0>(t); break;
+  }
+}
+
+template <class Vt>
+void tile_dispatch(const Tile& t) {
+  switch (t.dtype) {
+    case QKVX_FLOAT32: tile_dtype<Vt, QKVX_FLOAT32>(t); break;
+    case QKVX_FLOAT16: tile_dtype<Vt, QKVX_FLOAT16>(t); break;
+    default: tile_dtype<Vt, QKVX_INT8>(t); break;
+  }
+}
+
+}  // namespace
+}  // namespace qkvx

@@ -1,0 +1,105 @@
+"""Build the qkvx kernel library (csrc/) with CMake against the installed executorch wheel.
+
+The library lands in a cache directory keyed by the sources, the ExecuTorch prefix and the target,
+so an edited kernel is rebuilt and a stale one is never loaded:
+  ~/.cache/qkvx/kernels/<arch>-<hash>/libqkvx_kernels.so   (QKVX_KERNELS_CACHE overrides the root)
+
+    python -m qkvx.kernels [--tests]      # host library (+ qkvx_kernels_test)
+    python -m qkvx.kernels --aarch64 [--tests]   # cross build against the aarch64 wheel (qkvx.kernels.aarch64)
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from qkvx.errors import QkvxError
+
+LIBRARY = "libqkvx_kernels.so"
+TEST_BINARY = "qkvx_kernels_test"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CROSS_COMPILER = "aarch64-linux-gnu-g++"
+
+
+class KernelsBuildError(QkvxError):
+    """The kernel library cannot be built here (missing tool, failed compile)."""
+
+
+def executorch_prefix() -> Path:
+    """The installed executorch package directory: it holds include/ and lib/."""
+    spec = importlib.util.find_spec("executorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise KernelsBuildError("executorch is not installed (pip install executorch)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _source_hash(*extra: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted(CSRC.rglob("*")):
+        if p.is_file() and p.suffix in {".h", ".cpp", ".txt", ".cmake"}:
+            h.update(str(p.relative_to(CSRC)).encode())
+            h.update(p.read_bytes())
+    for e in extra:
+        h.update(e.encode())
+    return h.hexdigest()[:12]
+
+
+def build_dir(aarch64: bool = False, prefix: Path | None = None) -> Path:
+    """Where build() puts (and the loader looks for) the library for this source tree."""
+    if not CSRC.is_dir():
+        raise KernelsBuildError(f"kernel sources not found at {CSRC} (a qkvx source checkout has csrc/)")
+    prefix = prefix or executorch_prefix()
+    arch = "aarch64" if aarch64 else platform.machine()
+    root = Path(os.environ.get("QKVX_KERNELS_CACHE", Path.home() / ".cache" / "qkvx" / "kernels"))
+    return root / f"{arch}-{_source_hash(str(prefix.resolve()), arch)}"
+
+
+def _require(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise KernelsBuildError(f"{tool} not found: install the Debian package {package} (apt-get install {package})")
+    return path
+
+
+def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None, tests: bool = False,
+          jobs: int = 2, out: str | Path | None = None, verbose: bool = False) -> Path:
+    """Configure and build csrc/ with the system compiler; returns the library's path.
+
+    aarch64: cross-compile with aarch64-linux-gnu-g++ (executorch_prefix_dir must then be an
+    aarch64 wheel's unpacked executorch/ directory). tests: also build qkvx_kernels_test.
+    Concurrent callers (pytest workers) wait on a lock instead of building twice."""
+    cmake = _require("cmake", "cmake")
+    compiler = _require(CROSS_COMPILER, "g++-aarch64-linux-gnu") if aarch64 else _require("g++", "g++")
+    prefix = Path(executorch_prefix_dir) if executorch_prefix_dir else executorch_prefix()
+    if not (prefix / "include" / "executorch").is_dir() or not (prefix / "lib").is_dir():
+        raise KernelsBuildError(f"{prefix}: not an ExecuTorch prefix (no include/executorch and lib/)")
+    bdir = Path(out) if out else build_dir(aarch64, prefix)
+    bdir.mkdir(parents=True, exist_ok=True)
+    lib = bdir / LIBRARY
+    with open(bdir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = bdir / (".built-tests" if tests else ".built")  # written only after a whole build
+        if out is None and stamp.exists():
+            return lib
+        configure = [cmake, "-S", str(CSRC), "-B", str(bdir), f"-DEXECUTORCH_PREFIX={prefix}",
+                     f"-DQKVX_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_CXX_COMPILER={compiler}"]
+        if aarch64:
+            configure.append(f"-DCMAKE_TOOLCHAIN_FILE={CSRC / 'cmake' / 'aarch64-linux-gnu.cmake'}")
+        print(f"qkvx.kernels: building {bdir} ...", file=sys.stderr, flush=True)
+        targets = ["qkvx_kernels"] + ([TEST_BINARY] if tests else [])
+        for cmd in (configure, [cmake, "--build", str(bdir), "-j", str(jobs), "--target", *targets]):
+            run = subprocess.run(cmd, capture_output=not verbose, text=True)
+            if run.returncode != 0:
+                tail = (run.stderr or run.stdout or "").strip().splitlines()[-15:] if not verbose else []
+                raise KernelsBuildError(f"building the qkvx kernels failed ({' '.join(cmd[:2])} ...):\n"
+                                        + "\n".join(tail))
+        (bdir / ".built").touch()
+        stamp.touch()
+    return lib
