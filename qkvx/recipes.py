@@ -51,7 +51,7 @@ class Recipe:
     kv_cache: str = "fp32"  # fp32 | int8 (symmetric, one scale per token and kv head)
     fused_attention: bool = False  # onnx: onnxruntime's MultiHeadAttention, the one cache as key and value
     # onnx: the attention graph (qkvx.rewrite.ONNX_ATTENTION): plain ops; mha (= fused_attention);
-    # rotary (RoPE K=V keys rotated by onnxruntime's RotaryEmbedding); custom (qkvx.CachedAttention,
+    # rotary (mha, RoPE K=V keys rotated by onnxruntime's RotaryEmbedding); custom (qkvx.CachedAttention,
     # the custom op built from qkvx/export/ortops: append and attend in one pass). None: from fused_attention.
     attention: str | None = None
     max_seq_len: int | None = None  # None: the model's max_positions

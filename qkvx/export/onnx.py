@@ -303,9 +303,11 @@ def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None
                 kv_cache: str = "fp32", attention: str | None = None) -> tuple[list[str], OnnxGraph]:
     """Export `model` to out_dir/model.onnx (weights in model.onnx.data when external_data, by
     default when they exceed EXTERNAL_DATA_BYTES). fused_attention: attention as onnxruntime's
-    contrib MultiHeadAttention (faster decode; the graph then needs onnxruntime). kv_cache: fp32 or
-    int8 (int8 tensors with `_scale` tensors beside them). Returns the files written and the
-    checked graph."""
+    contrib MultiHeadAttention (the graph then needs onnxruntime). attention (overrides
+    fused_attention; qkvx.rewrite.ONNX_ATTENTION): plain, mha, rotary (mha, and a RoPE K=V layer's
+    keys rotated by onnxruntime's RotaryEmbedding), custom (qkvx.CachedAttention: the graph
+    needs onnxruntime and qkvx's op library, qkvx.export.ortops). kv_cache: fp32 or int8 (int8
+    tensors with `_scale` tensors beside them). Returns the files written and the checked graph."""
     import onnx_ir as ir
 
     spec = model.spec

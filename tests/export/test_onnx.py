@@ -146,8 +146,8 @@ ATTENTION_CASES = [(f, n, a) for a in ("rotary", "custom") for f in ("llama", "g
 
 @pytest.mark.parametrize("family,name,attention", ATTENTION_CASES)
 def test_attention_graphs_parity_and_contract(exported, family, name, attention, fp32_parity):
-    """attention="rotary": a RoPE K=V layer rotates its present into keys with ONE com.microsoft
-    RotaryEmbedding (every other layer is the plain graph's); attention="custom": ONE
+    """attention="rotary": one com.microsoft MultiHeadAttention per layer, and a RoPE K=V layer
+    rotates its present into keys with ONE com.microsoft RotaryEmbedding; attention="custom": ONE
     qkvx.CachedAttention per layer (append + attend, keys rotated on read), no Softmax left in the
     graph, the layer's past and present are the op's own input and output. Same parity and contract."""
     model, path = exported(family, name, attention)
@@ -156,6 +156,7 @@ def test_attention_graphs_parity_and_contract(exported, family, name, attention,
     nodes = onnx.load(str(path)).graph.node
     ops = [n.op_type for n in nodes]
     if attention == "rotary":
+        assert ops.count("MultiHeadAttention") == DIMS["n_layer"]
         rotary = [n for n in nodes if n.op_type == "RotaryEmbedding"]
         assert len(rotary) == (DIMS["n_layer"] if family == "llama" and model.spec.kv_shared else 0)
         producer = {o: n for n in nodes for o in n.output}
