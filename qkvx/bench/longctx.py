@@ -90,22 +90,35 @@ def run(out: Path, attentions, families=FAMILIES, variants=VARIANTS, contexts=CO
                   + " ".join(f"{c}={v:.1f}" for c, v in ms.items()), flush=True)
     result = {key: {c: statistics.median(m[c] for m in ms) for c in ms[0]} for key, ms in runs.items()}
     (out / "longctx.json").write_text(json.dumps({"median_ms": result, "runs": runs}, indent=2) + "\n")
-    return result
+    return runs
 
 
-def to_markdown(result: dict) -> str:
-    contexts = list(next(iter(result.values())))
+def _ratio(runs: dict, base: str, key: str, c: str) -> float | None:
+    """Median over rounds of base ms / key ms, each round's pair measured minutes apart at most."""
+    if base not in runs:
+        return None
+    return statistics.median(b[c] / k[c] for b, k in zip(runs[base], runs[key]))
+
+
+def to_markdown(runs: dict) -> str:
+    contexts = list(next(iter(runs.values()))[0])
     lines = ["| family | variant | attention | " + " | ".join(f"{int(c):,}" for c in contexts) + " |",
              "|---|---|---|" + "---|" * len(contexts)]
-    for key, ms in result.items():
+    for key, ms in runs.items():
         family, variant, attention = key.split("/")
         cells = []
         for c in contexts:
-            base = result.get(f"{family}/QKV/{attention}")
-            ratio = f" ({base[c] / ms[c]:.2f}x)" if base and variant != "QKV" else ""
-            cells.append(f"{ms[c]:.1f}{ratio}")
+            cell = f"{statistics.median(m[c] for m in ms):.1f}"
+            same, plain = (_ratio(runs, f"{family}/QKV/{a}", key, c) for a in (attention, "plain"))
+            if variant != "QKV" and same is not None:
+                cell += f" ({same:.2f}x"
+                cell += f", {plain:.2f}x)" if attention != "plain" and plain is not None else ")"
+            elif variant == "QKV" and attention != "plain" and plain is not None:
+                cell += f" ({plain:.2f}x)"
+            cells.append(cell)
         lines.append(f"| {family} | {variant} | {attention} | " + " | ".join(cells) + " |")
-    lines += ["", "ms/token (median over rounds); (Nx) = QKV ms / this ms with the same attention graph."]
+    lines += ["", "ms/token, median over rounds. (a, b): a = QKV ms / this ms with the same attention graph, "
+              "b = QKV ms on the plain graph / this ms; each the median over rounds of that round's ratio."]
     return "\n".join(lines)
 
 
