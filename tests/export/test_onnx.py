@@ -255,6 +255,10 @@ def test_recipe_onnx_fp32_custom_exports_validates_and_needs_the_library(tmp_pat
                        (dict(format="onnx", backend="cpu", attention="custom", kv_cache="int8"), "fp32 weights and cache")]:
         with pytest.raises(QkvxError, match=match):
             Recipe(name="bad", **bad)
+    from qkvx.harness.validate import validate
+
+    with pytest.raises(QkvxError, match="built for the host only"):
+        validate(tmp_path / "out", runtimes=["arm64"])
     plain = tmp_path / "plain"
     plain.mkdir()
     export_onnx(_model("Q-K=V", "llama"), plain)
