@@ -72,6 +72,10 @@ class Recipe:
     quantize_lm_head: bool = False  # the (often tied) output projection, quantized or kept fp32
     kv_cache: str = "fp32"  # fp32 | int8 (symmetric, one scale per token and kv head)
     fused_attention: bool = False  # onnx: onnxruntime's MultiHeadAttention, the one cache as key and value
+    # onnx: the attention graph (qkvx.rewrite.ONNX_ATTENTION): plain ops; mha (= fused_attention);
+    # rotary (mha, RoPE K=V keys rotated by onnxruntime's RotaryEmbedding); custom (qkvx.CachedAttention,
+    # the custom op built from qkvx/export/ortops: append and attend in one pass). None: from fused_attention.
+    attention: str | None = None
     max_seq_len: int | None = None  # None: the model's max_positions
     prefill_chunk: int = 64
     gates: Gates = field(default_factory=Gates)
@@ -95,6 +99,17 @@ class Recipe:
             raise QkvxError(f"{src}: kv_cache {self.kv_cache!r} unknown; known: {', '.join(KV_CACHE)}")
         if self.fused_attention and self.format != "onnx":
             raise QkvxError(f"{src}: fused_attention is an ONNX option (a .pte always uses custom_sdpa)")
+        if self.attention is not None:
+            from qkvx.rewrite import ONNX_ATTENTION
+
+            if self.format != "onnx":
+                raise QkvxError(f"{src}: attention is an ONNX option (a .pte always uses custom_sdpa)")
+            if self.attention not in ONNX_ATTENTION:
+                raise QkvxError(f"{src}: attention {self.attention!r} unknown; known: {', '.join(ONNX_ATTENTION)}")
+            if self.fused_attention and self.attention != "mha":
+                raise QkvxError(f"{src}: fused_attention means attention: mha, not {self.attention!r}")
+            if self.attention not in ("plain", "mha") and (self.kv_cache != "fp32" or self.weights != "none"):
+                raise QkvxError(f"{src}: attention {self.attention!r} is built for fp32 weights and cache only")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise QkvxError(f"{src}: max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.prefill_chunk < 2:

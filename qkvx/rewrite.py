@@ -10,6 +10,8 @@ differs from the reference:
   PastPresent / OnnxDecodeModel  functional past -> present tensors [B, G, S, D] (ONNX); a K=V
                              layer takes and returns ONE tensor and attends with it as keys and
                              values (grouped_attention; optionally onnxruntime's fused kernel).
+                             RotaryPastPresent: a RoPE K=V present rotated by onnxruntime's
+                             RotaryEmbedding; CachedPastPresent: append + attend in qkvx's custom op.
 """
 from __future__ import annotations
 
@@ -185,6 +187,93 @@ def _(query, key, value, bias, scale):
     return torch.empty_like(query)
 
 
+def rotate_rows(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE (HF rotate_half) of cache rows x [B, G, S, D] at positions [B, S], with half tables
+    cos / sin [max_positions, D / 2]: the same numbers as Rope.forward."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [B, 1, S, D / 2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+@torch.library.custom_op("qkvx::rotary_rows", mutates_args=())
+def rotary_rows(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """rotate_rows as one opaque op: the ONNX export writes it as com.microsoft RotaryEmbedding
+    (one pass over the cache instead of a Gather, Slices, Neg, Concat, Muls and an Add)."""
+    return rotate_rows(x, positions, cos, sin)
+
+
+@rotary_rows.register_fake
+def _(x, positions, cos, sin):
+    return torch.empty_like(x)
+
+
+def key_positions_of(attention_mask: Tensor) -> Tensor:
+    """Rotary positions of the cache slots [B, S]: cumsum(mask) - 1, padding clamped at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_bias(attention_mask: Tensor, T: int, R: int) -> Tensor:
+    """The additive mask [B, 1, R * T, S] (rows m = r * T + t) of the last T slots' queries: a query
+    sees real keys at or before its slot, and always itself (a padding query would otherwise see no
+    key at all, and its softmax NaN would reach the next layer's cache). -inf is safe: every row
+    keeps its own slot."""
+    S = attention_mask.shape[1]
+    key = torch.arange(S, device=attention_mask.device)[None, :]  # [1, S] cache slots
+    query = torch.arange(T, device=attention_mask.device)[:, None] + (S - T)  # [T, 1]: slot of query i
+    mask = ((key <= query)[None] & attention_mask.bool()[:, None, :]) | (key == query)[None]  # [B, T, S]
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    return bias[:, None].repeat(1, R, 1, 1).view(-1, 1, R * T, S)
+
+
+def _cached_attention_reference(query: Tensor, present_k: Tensor, present_v: Tensor, attention_mask: Tensor,
+                                num_heads: int, scale: float, cos: Tensor | None = None,
+                                sin: Tensor | None = None) -> Tensor:
+    """What qkvx.CachedAttention computes, in torch: query [B, T, H * D] (head h = g * R + r), the
+    presents [B, G, S, D] -> [B, T, H * D]; keys rotated on read when cos / sin are given."""
+    B, T, _ = query.shape
+    G, D = present_k.shape[1], present_k.shape[3]
+    R = num_heads // G
+    keys = present_k if cos is None else rotate_rows(present_k, key_positions_of(attention_mask), cos, sin)
+    q = query.view(B, T, G, R, D).permute(0, 3, 1, 2, 4).reshape(B, R * T, G * D)
+    out = grouped_attention(q, keys, present_v, attention_bias(attention_mask, T, R), scale)
+    return out.view(B, R, T, G, D).permute(0, 2, 3, 1, 4).reshape(B, T, num_heads * D)
+
+
+@torch.library.custom_op("qkvx::cached_attention_kv", mutates_args=())
+def cached_attention_kv(query: Tensor, past: Tensor, key: Tensor, attention_mask: Tensor, cos: Tensor | None,
+                        sin: Tensor | None, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """One K=V layer's cache step as one op (exported as qkvx.CachedAttention, qkvx.export.ortops):
+    query [B, T, H * D], past [B, G, P, D], the new rows key [B, T, G, D] (un-rotated), attention_mask
+    [B, P + T], RoPE half tables cos / sin [max_positions, D / 2] or None -> (output [B, T, H * D],
+    present [B, G, P + T, D]). The present serves as values and, rotated on read, as keys."""
+    present = torch.cat([past, key.transpose(1, 2)], dim=2)
+    out = _cached_attention_reference(query, present, present, attention_mask, num_heads, scale, cos, sin)
+    return out, present
+
+
+@cached_attention_kv.register_fake
+def _(query, past, key, attention_mask, cos, sin, num_heads, scale):
+    B, G, P, D = past.shape
+    return torch.empty_like(query), past.new_empty(B, G, P + key.shape[1], D)
+
+
+@torch.library.custom_op("qkvx::cached_attention", mutates_args=())
+def cached_attention(query: Tensor, past_key: Tensor, key: Tensor, past_value: Tensor, value: Tensor,
+                     attention_mask: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """cached_attention_kv with separate keys (rotated on write where RoPE) and values."""
+    present_k = torch.cat([past_key, key.transpose(1, 2)], dim=2)
+    present_v = torch.cat([past_value, value.transpose(1, 2)], dim=2)
+    out = _cached_attention_reference(query, present_k, present_v, attention_mask, num_heads, scale)
+    return out, present_k, present_v
+
+
+@cached_attention.register_fake
+def _(query, past_key, key, past_value, value, attention_mask, num_heads, scale):
+    B, G, P, D = past_key.shape
+    shape = (B, G, P + key.shape[1], D)
+    return torch.empty_like(query), past_key.new_empty(shape), past_value.new_empty(shape)
+
+
 class PastPresent:
     """One layer's CacheStrategy for one ONNX call: past tensors [B, G, P, D] in (one for k = v, key
     and value otherwise), present [B, G, P + T, D] out. The optimum layout: kv heads before tokens.
@@ -195,8 +284,10 @@ class PastPresent:
 
     width = 1  # graph tensors per cache tensor
 
-    def __init__(self, past: tuple[Tensor, ...], bias: Tensor, key_positions: Tensor, fused: bool = False):
+    def __init__(self, past: tuple[Tensor, ...], bias: Tensor, key_positions: Tensor, fused: bool = False,
+                 attention_mask: Tensor | None = None):
         self.past, self.bias, self.key_positions = past, bias, key_positions  # bias [B, 1, R * T, S]
+        self.attention_mask = attention_mask  # [B, S]
         self.attention = fused_attention if fused else grouped_attention
         self.present: tuple[Tensor, ...] = ()
 
@@ -265,6 +356,49 @@ class QuantizedPastPresent(PastPresent):
 ONNX_CACHES = {"fp32": PastPresent, "int8": QuantizedPastPresent}
 
 
+class RotaryPastPresent(PastPresent):
+    """PastPresent whose RoPE K=V layer rotates its present into keys with ONE opaque op
+    (qkvx::rotary_rows, exported as com.microsoft RotaryEmbedding: a read and a write of the layer's
+    cache) instead of the plain-op rotation (Gather, Slice, Neg, Concat, Mul, Add: several passes).
+    Every other layer is PastPresent's. OnnxDecodeModel pairs it with the fused attention
+    (MultiHeadAttention): measured faster than plain-op attention after the rotation at 4k and 16k."""
+
+    def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor | None, rope) -> Tensor:
+        k_all, v_all, key_positions = self.update(k, v, None)
+        if v_all is None:
+            v_all = k_all
+            if rope is not None:
+                half = k.shape[-1] // 2
+                k_all = rotary_rows(k_all.transpose(1, 2), key_positions, rope.cos[:, :half],
+                                    rope.sin[:, :half]).transpose(1, 2)
+        return self.attend(q, k_all, v_all)
+
+
+class CachedPastPresent(PastPresent):
+    """PastPresent through ONE custom op per layer (qkvx::cached_attention[_kv], exported as
+    qkvx.CachedAttention, built from qkvx/export/ortops): it copies the past into the present and
+    attends in the same pass, reading each cached row once; a RoPE K=V layer's keys are rotated
+    row by row as they are read, never written out."""
+
+    def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor | None, rope) -> Tensor:
+        B, T, H, D = q.shape
+        query = q.reshape(B, T, H * D)
+        if v is None:
+            tables = (rope.cos[:, :D // 2], rope.sin[:, :D // 2]) if rope is not None else (None, None)
+            out, present = cached_attention_kv(query, self.past[0], k, self.attention_mask, *tables, H, D ** -0.5)
+            self.present = (present,)
+        else:
+            out, present_k, present_v = cached_attention(query, self.past[0], k, self.past[1], v,
+                                                         self.attention_mask, H, D ** -0.5)
+            self.present = (present_k, present_v)
+        return out.view(B, T, H, D)
+
+
+# ONNX attention graphs (OnnxDecodeModel(attention=...)): plain ONNX ops; onnxruntime's
+# MultiHeadAttention; RoPE K=V keys rotated by onnxruntime's RotaryEmbedding; qkvx's custom op.
+ONNX_ATTENTION = ("plain", "mha", "rotary", "custom")
+
+
 def cache_io_names(layout: CacheLayout) -> tuple[list[str], list[str]]:
     """The ONNX cache inputs and outputs (DESIGN.md 4, the optimum convention), layer-major; an
     int8 cache tensor is followed by its `_scale` tensor."""
@@ -282,18 +416,28 @@ class OnnxDecodeModel(nn.Module):
     as Hugging Face does, cumsum(attention_mask) - 1 at real tokens. Where k = v with RoPE the cache
     holds un-rotated keys and their positions are derived the same way, cumsum(attention_mask) - 1,
     so query and key positions follow one convention and left padding shifts neither.
-    fused_attention: attend through the opaque qkvx::grouped_attention op (exported as onnxruntime's
-    MultiHeadAttention); the same math either way.
+    attention (ONNX_ATTENTION; the same math every way): "plain" ONNX ops; "mha" (= fused_attention)
+    attends through the opaque qkvx::grouped_attention op, exported as onnxruntime's
+    MultiHeadAttention; "rotary" is "mha" where a RoPE K=V layer's present is rotated into keys by
+    qkvx::rotary_rows (onnxruntime's RotaryEmbedding); "custom" runs each layer's append + attention
+    as qkvx::cached_attention[_kv] (qkvx.CachedAttention, qkvx/export/ortops).
     kv_cache: "fp32", or "int8" (QuantizedPastPresent: each cache tensor int8 with a `_scale` beside it).
     """
 
-    def __init__(self, model: Transformer, fused_attention: bool = False, kv_cache: str = "fp32"):
+    def __init__(self, model: Transformer, fused_attention: bool = False, kv_cache: str = "fp32",
+                 attention: str | None = None):
         super().__init__()
         if kv_cache not in ONNX_CACHES:
             raise QkvxError(f"ONNX cache dtype {kv_cache!r} unsupported; known: {', '.join(ONNX_CACHES)}")
-        self.model, self.spec, self.fused = model, model.spec, fused_attention
+        attention = attention or ("mha" if fused_attention else "plain")
+        if attention not in ONNX_ATTENTION:
+            raise QkvxError(f"ONNX attention {attention!r} unknown; known: {', '.join(ONNX_ATTENTION)}")
+        if attention not in ("plain", "mha") and kv_cache != "fp32":
+            raise QkvxError(f"ONNX attention {attention!r} needs an fp32 cache, not {kv_cache}")
+        self.model, self.spec, self.attention = model, model.spec, attention
+        self.fused = attention in ("mha", "rotary")
         self.layout = cache_layout(model.spec, kv_cache)
-        self.cache_cls = ONNX_CACHES[kv_cache]
+        self.cache_cls = {"rotary": RotaryPastPresent, "custom": CachedPastPresent}.get(attention, ONNX_CACHES[kv_cache])
         past, present = cache_io_names(self.layout)
         self.input_names = ["input_ids", "attention_mask", "position_ids", *past]
         self.output_names = ["logits", *present]
@@ -302,18 +446,13 @@ class OnnxDecodeModel(nn.Module):
         n = self.layout.tensors_per_layer * self.cache_cls.width
         if len(past) != self.spec.n_layer * n:
             raise QkvxError(f"expected {self.spec.n_layer * n} past tensors, got {len(past)}")
-        T, S = input_ids.shape[1], attention_mask.shape[1]
-        key = torch.arange(S, device=input_ids.device)[None, :]  # [1, S] cache slots
-        query = torch.arange(T, device=input_ids.device)[:, None] + (S - T)  # [T, 1]: slot of query i
-        # A query sees real keys at or before its slot, and always itself: a padding query would
-        # otherwise see no key at all, and its softmax NaN would reach the cache of the next layer.
-        mask = ((key <= query)[None] & attention_mask.bool()[:, None, :]) | (key == query)[None]  # [B, T, S]
-        # additive; -inf is safe: every row keeps its own slot
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
-        R = self.spec.n_head // self.spec.n_kv_head
-        bias = bias[:, None].repeat(1, R, 1, 1).view(-1, 1, R * T, S)  # [B, 1, R * T, S]: rows m = r * T + t
-        key_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-        caches = [self.cache_cls(past[i * n:(i + 1) * n], bias, key_positions, self.fused)
+        T = input_ids.shape[1]
+        if self.attention == "custom":  # the op masks and positions its keys itself
+            bias = key_positions = None
+        else:
+            bias = attention_bias(attention_mask, T, self.spec.n_head // self.spec.n_kv_head)  # [B, 1, R * T, S]
+            key_positions = key_positions_of(attention_mask)  # [B, S]
+        caches = [self.cache_cls(past[i * n:(i + 1) * n], bias, key_positions, self.fused, attention_mask)
                   for i in range(self.spec.n_layer)]
         logits = self.model(input_ids, position_ids, caches)
         return (logits, *(t for c in caches for t in c.present))

@@ -237,14 +237,77 @@ def _fused_attention_translation() -> dict:
     return {torch.ops.qkvx.grouped_attention.default: translate}
 
 
+def _attention_translations() -> dict:
+    """qkvx::rotary_rows -> com.microsoft RotaryEmbedding (x [B, G, S, D] in the 4-D layout,
+    position_ids [B, S], half tables [max_positions, D / 2]); qkvx::cached_attention[_kv] ->
+    qkvx.CachedAttention (the custom op of qkvx.export.ortops), plus the MultiHeadAttention one."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    P, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    rotary_schema = OpSchema(
+        "RotaryEmbedding", "com.microsoft", 1,
+        inputs=[P("input", "T"), P("position_ids", "M"), P("cos_cache", "T"), P("sin_cache", "T")],
+        outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, "")])
+    rotary = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", rotary_schema)
+
+    def cached_schema(outputs: int) -> OpSchema:
+        from qkvx.export.ortops import DOMAIN, OP
+
+        return OpSchema(
+            OP, DOMAIN, 1,
+            inputs=[P("query", "T"), P("past_key", "T"), P("key", "T"), P("past_value", "T", param_option=optional),
+                    P("value", "T", param_option=optional), P("attention_mask", "M"),
+                    P("cos_cache", "T", param_option=optional), P("sin_cache", "T", param_option=optional)],
+            outputs=[P("output", "T"), P("present_key", "T")] + ([P("present_value", "T")] if outputs == 3 else []),
+            type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int64)"], "")],
+            attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                        OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+                        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
+
+    from qkvx.export.ortops import DOMAIN, OP
+
+    opset = onnxscript.values.Opset(DOMAIN, 1)
+    cached_kv, cached = (onnxscript.values.Op(opset, OP, cached_schema(n)) for n in (2, 3))
+
+    def translate_rotary(x, positions, cos, sin):
+        # Each kv head's rows as one sequence ([B * G, S, D], one head): onnxruntime's CPU kernel walks
+        # (batch, position, head) with the head innermost, which on the [B, G, S, D] layout would jump
+        # between G places of the cache at every row (measured 4x slower at 16k than rows in order).
+        from onnxscript import opset18 as op
+
+        shape = op.Shape(x)
+        B, G, S, D = (op.Slice(shape, [i], [i + 1]) for i in range(4))
+        rows = op.Reshape(x, op.Concat(op.Mul(B, G), S, D, axis=0))
+        pos = op.Reshape(op.Expand(op.Unsqueeze(positions, [1]), op.Concat(B, G, S, axis=0)),
+                         op.Concat(op.Mul(B, G), S, axis=0))
+        return op.Reshape(rotary(rows, pos, cos, sin, interleaved=0), shape)
+
+    def translate_cached_kv(query, past, key, attention_mask, cos, sin, num_heads: int, scale: float):
+        return cached_kv(query, past, key, None, None, attention_mask, cos, sin, num_heads=num_heads,
+                         kv_num_heads=past.shape[1], scale=scale)
+
+    def translate_cached(query, past_key, key, past_value, value, attention_mask, num_heads: int, scale: float):
+        return cached(query, past_key, key, past_value, value, attention_mask, num_heads=num_heads,
+                      kv_num_heads=past_key.shape[1], scale=scale)
+
+    return {**_fused_attention_translation(), torch.ops.qkvx.rotary_rows.default: translate_rotary,
+            torch.ops.qkvx.cached_attention_kv.default: translate_cached_kv,
+            torch.ops.qkvx.cached_attention.default: translate_cached}
+
+
 def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None = None,
                 external_data: bool | None = None, fused_attention: bool = False,
-                kv_cache: str = "fp32") -> tuple[list[str], OnnxGraph]:
+                kv_cache: str = "fp32", attention: str | None = None) -> tuple[list[str], OnnxGraph]:
     """Export `model` to out_dir/model.onnx (weights in model.onnx.data when external_data, by
     default when they exceed EXTERNAL_DATA_BYTES). fused_attention: attention as onnxruntime's
-    contrib MultiHeadAttention (faster decode; the graph then needs onnxruntime). kv_cache: fp32 or
-    int8 (int8 tensors with `_scale` tensors beside them). Returns the files written and the
-    checked graph."""
+    contrib MultiHeadAttention (the graph then needs onnxruntime). attention (overrides
+    fused_attention; qkvx.rewrite.ONNX_ATTENTION): plain, mha, rotary (mha, and a RoPE K=V layer's
+    keys rotated by onnxruntime's RotaryEmbedding), custom (qkvx.CachedAttention: the graph
+    needs onnxruntime and qkvx's op library, qkvx.export.ortops). kv_cache: fp32 or int8 (int8
+    tensors with `_scale` tensors beside them). Returns the files written and the checked graph."""
     import onnx_ir as ir
 
     spec = model.spec
@@ -252,12 +315,12 @@ def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None
     if not 1 <= max_seq_len <= spec.max_positions:
         raise QkvxError(f"max_seq_len {max_seq_len} must be between 1 and the model's max_positions "
                         f"({spec.max_positions})")
-    decode = OnnxDecodeModel(model.eval(), fused_attention, kv_cache).eval()
+    decode = OnnxDecodeModel(model.eval(), fused_attention, kv_cache, attention).eval()
     args, shapes = _example(decode)
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(decode, args, dynamo=True, input_names=decode.input_names,
                                     output_names=decode.output_names, dynamic_shapes=shapes, verbose=False,
-                                    custom_translation_table=_fused_attention_translation() if fused_attention else None)
+                                    custom_translation_table=_attention_translations())
     _tidy(program.model)
     graph = program.model.graph
     for value in list(graph.outputs)[1:]:  # presents: name the exporter's "past + seq" sum once

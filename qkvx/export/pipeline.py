@@ -114,7 +114,8 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path, eos: list[int]) -> tuple[
     if recipe.format == "onnx":
         from qkvx.export.onnx import export_onnx
 
-        files, graph = export_onnx(model, tmp, seq, kv_cache=recipe.kv_cache, fused_attention=recipe.fused_attention)
+        files, graph = export_onnx(model, tmp, seq, kv_cache=recipe.kv_cache, fused_attention=recipe.fused_attention,
+                                   attention=recipe.attention)
         extra: dict[str, Any] = {"weight_matmuls": graph.weight_matmuls}
         if recipe.weights != "none":  # quantize the saved graph in place: the artifact is the quantized model
             from qkvx.quant.onnx_weights import quantize_onnx_weights

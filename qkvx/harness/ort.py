@@ -26,6 +26,10 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    from qkvx.export import ortops
+
+    if ortops.uses_custom_ops(path):  # qkvx.CachedAttention: the library built from qkvx/export/ortops
+        opts.register_custom_ops_library(str(ortops.library_path()))
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types

@@ -93,6 +93,10 @@ def open_runtime(name: str, directory: Path, manifest: dict, device: str | None)
     if name == "arm64":
         from qkvx.harness.arm64 import Arm64Runner
 
+        if (manifest.get("recipe") or {}).get("attention") == "custom":
+            raise QkvxError("runtime 'arm64' cannot run this artifact: its qkvx.CachedAttention op library is "
+                            "built for the host only (export with onnx-fp32 or onnx-fp32-rotary for arm64)")
+
         return Arm64Runner(path, device=device)
     return get_runner(name)(path)
 

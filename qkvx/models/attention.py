@@ -53,6 +53,10 @@ class CacheStrategy(Protocol):
         """q [B, T, H, D], k/v [B, S, G, D] -> [B, T, H, D]."""
         ...
 
+    # Optional: update_and_attend(q, k, v, rope) -> [B, T, H, D] replaces update + attend, for a
+    # strategy that appends and attends in one operation. k is un-rotated where k = v (v None) and
+    # rope is given: the strategy rotates the keys it reads.
+
 
 def expand_kv(x: Tensor, n_head: int) -> Tensor:
     """[B, S, G, D] -> [B, S, H, D]: query head h reads kv head h // (H / G)."""
@@ -105,10 +109,14 @@ class Attention(nn.Module):
             q = rope(q, positions)
             if not self.kv_shared:
                 k = rope(k, positions)  # rotate on write; with k = v the cache keeps it un-rotated
-        k_all, v_all, key_positions = cache.update(k, v, positions)
-        if v_all is None:  # k = v: the one stored tensor serves as values ...
-            v_all = k_all
-            if rope is not None:  # ... and, rotated, as keys (a one-layer transient)
-                k_all = rope(k_all, key_positions)
-        y = cache.attend(q, k_all, v_all)  # [B, T, H, D]
+        fused = getattr(cache, "update_and_attend", None)
+        if fused is not None:  # the strategy stores and attends in one step (and rotates on read)
+            y = fused(q, k, v, rope)
+        else:
+            k_all, v_all, key_positions = cache.update(k, v, positions)
+            if v_all is None:  # k = v: the one stored tensor serves as values ...
+                v_all = k_all
+                if rope is not None:  # ... and, rotated, as keys (a one-layer transient)
+                    k_all = rope(k_all, key_positions)
+            y = cache.attend(q, k_all, v_all)  # [B, T, H, D]
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))

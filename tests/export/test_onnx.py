@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -32,13 +33,13 @@ def _model(name, family, seed=0):
 
 @pytest.fixture
 def exported(tmp_path_factory):
-    def get(family, name):
-        if (family, name) not in _EXPORTS:
+    def get(family, name, attention="plain"):
+        if (family, name, attention) not in _EXPORTS:
             model = _model(name, family)
-            out = tmp_path_factory.mktemp(f"{family}-{name}")
-            export_onnx(model, out)
-            _EXPORTS[family, name] = model, out / "model.onnx"
-        return _EXPORTS[family, name]
+            out = tmp_path_factory.mktemp(f"{family}-{name}-{attention}")
+            export_onnx(model, out, attention=attention)
+            _EXPORTS[family, name, attention] = model, out / "model.onnx"
+        return _EXPORTS[family, name, attention]
     return get
 
 
@@ -85,12 +86,14 @@ def _check_graph(graph, spec):
     assert graph.weight_matmuls == spec.n_layer * (projections + 1 + mlp) + 1
 
 
-@pytest.mark.parametrize("family,name", [("gpt", "Q-K=V"), ("llama", "Q-K=V"), ("llama", "QKV")])
-def test_left_padded_batch_matches_each_prompt_alone(exported, family, name):
+@pytest.mark.parametrize("family,name,attention", [
+    ("gpt", "Q-K=V", "plain"), ("llama", "Q-K=V", "plain"), ("llama", "QKV", "plain"),
+    ("llama", "Q-K=V", "rotary"), ("llama", "Q-K=V", "custom"), ("llama", "Q-MQA", "custom"), ("gpt", "QKV", "custom")])
+def test_left_padded_batch_matches_each_prompt_alone(exported, family, name, attention):
     """Two prompts of different lengths, left-padded into one batch (HF conventions: mask 0 on the
     left, position_ids = cumsum(mask) - 1 with padding at 1), prefill then 4 decode steps; the real
     tokens' logits equal the eager model's on each unpadded prompt alone."""
-    model, path = exported(family, name)
+    model, path = exported(family, name, attention)
     session, spec = ort_session(path), model.spec
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 128, (n,), generator=g) for n in (11, 4)]
@@ -114,7 +117,7 @@ def test_left_padded_batch_matches_each_prompt_alone(exported, family, name):
             ids = torch.randint(0, 128, (2, 1), generator=g).numpy()  # next tokens, one per row
             prompts = [torch.cat([p, torch.from_numpy(ids[b])]) for b, p in enumerate(prompts)]
             mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-    print(f"left-padded {family} {name}: max|dlogit| {worst:.2e}")
+    print(f"left-padded {family} {name} {attention}: max|dlogit| {worst:.2e}")
 
 
 @pytest.mark.parametrize("family,name", [("gpt", "Q-K=V"), ("gpt", "Q-MQA"), ("llama", "Q-K=V")])
@@ -122,7 +125,6 @@ def test_fused_attention_reads_the_one_cache_as_key_and_value(tmp_path, family, 
     """fused_attention: one onnxruntime MultiHeadAttention per layer (kv heads as its heads), fed
     the K=V layer's one present tensor as both key and value; with RoPE the keys are the rotated
     one-layer transient and the values the cache as stored. Same parity and contract."""
-    import onnx
 
     model = _model(name, family)
     export_onnx(model, tmp_path, fused_attention=True)
@@ -135,6 +137,132 @@ def test_fused_attention_reads_the_one_cache_as_key_and_value(tmp_path, family, 
     for i, node in enumerate(mha):
         assert node.input[2] == f"present.{i}.kv"  # values: the cache itself, no copy
         assert (node.input[1] == f"present.{i}.kv") == (family == "gpt")  # keys: the same tensor
+
+
+# rotary changes RoPE K=V layers only: the GPT family is checked once (no RotaryEmbedding there)
+ATTENTION_CASES = [(f, n, a) for a in ("rotary", "custom") for f in ("llama", "gpt") for n in ("QKV", "Q-K=V", "Q-MQA")
+                   if f == "llama" or a == "custom" or n == "Q-K=V"]
+
+
+@pytest.mark.parametrize("family,name,attention", ATTENTION_CASES)
+def test_attention_graphs_parity_and_contract(exported, family, name, attention, fp32_parity):
+    """attention="rotary": one com.microsoft MultiHeadAttention per layer, and a RoPE K=V layer
+    rotates its present into keys with ONE com.microsoft RotaryEmbedding; attention="custom": ONE
+    qkvx.CachedAttention per layer (append + attend, keys rotated on read), no Softmax left in the
+    graph, the layer's past and present are the op's own input and output. Same parity and contract."""
+    model, path = exported(family, name, attention)
+    fp32_parity(model, OrtRunner(path), f"{family} {name} {attention}")
+    _check_graph(read_graph(path), model.spec)
+    nodes = onnx.load(str(path)).graph.node
+    ops = [n.op_type for n in nodes]
+    if attention == "rotary":
+        assert ops.count("MultiHeadAttention") == DIMS["n_layer"]
+        rotary = [n for n in nodes if n.op_type == "RotaryEmbedding"]
+        assert len(rotary) == (DIMS["n_layer"] if family == "llama" and model.spec.kv_shared else 0)
+        producer = {o: n for n in nodes for o in n.output}
+        for i, node in enumerate(rotary):  # the layer's present, its kv heads' rows as one sequence each
+            assert node.domain == "com.microsoft" and producer[node.input[0]].op_type == "Reshape"
+            assert producer[node.input[0]].input[0] == f"present.{i}.kv"
+    else:
+        cached = [n for n in nodes if n.op_type == "CachedAttention"]
+        assert [n.domain for n in cached] == ["qkvx"] * DIMS["n_layer"] and "Softmax" not in ops
+        kinds = ("kv",) if model.spec.kv_shared else ("key", "value")
+        for i, node in enumerate(cached):
+            assert node.input[1] == f"past_key_values.{i}.{kinds[0]}" and node.output[1] == f"present.{i}.{kinds[0]}"
+            has_tables = bool(node.input[6:7] and node.input[6])
+            assert has_tables == (family == "llama" and model.spec.kv_shared)  # rotate on read: RoPE K=V only
+
+
+def _op_graph(H, G, D, shared, rope, max_pos):
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    F = TP.FLOAT
+    ins = [h.make_tensor_value_info("query", F, ["B", "T", H * D]), h.make_tensor_value_info("past_key", F, ["B", G, "P", D]),
+           h.make_tensor_value_info("key", F, ["B", "T", G, D]), h.make_tensor_value_info("mask", TP.INT64, ["B", "S"])]
+    node_in = ["query", "past_key", "key", "", "", "mask"]
+    outs = ["output", "present_key"]
+    if not shared:
+        ins += [h.make_tensor_value_info("past_value", F, ["B", G, "P", D]), h.make_tensor_value_info("value", F, ["B", "T", G, D])]
+        node_in[3:5] = ["past_value", "value"]
+        outs.append("present_value")
+    if rope:
+        ins += [h.make_tensor_value_info(n, F, [max_pos, D // 2]) for n in ("cos", "sin")]
+        node_in += ["cos", "sin"]
+    node = h.make_node("CachedAttention", node_in, outs, domain="qkvx", num_heads=H, kv_num_heads=G, scale=D ** -0.5)
+    graph = h.make_graph([node], "g", ins, [h.make_tensor_value_info(o, F, None) for o in outs])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20), h.make_opsetid("qkvx", 1)])
+
+
+@pytest.mark.parametrize("shared,rope,G,T", [(True, True, 4, 1), (True, True, 1, 3), (True, False, 2, 1),
+                                              (False, False, 2, 1), (True, True, 1, 20), (False, False, 4, 150)])
+def test_cached_attention_op_matches_its_reference(tmp_path, shared, rope, G, T):
+    """qkvx.CachedAttention alone against qkvx::cached_attention[_kv]'s torch reference, past 5000
+    slots (decode splits the keys into chunks combined at the end; more than 64 query rows per kv
+    head take the one-task-per-head prefill path, and 150 new tokens span several key blocks), batch
+    2 with the second row left-padded."""
+    import onnxruntime as ort
+
+    from qkvx.export import ortops
+    from qkvx.rewrite import cached_attention, cached_attention_kv
+
+    H, D, P, max_pos = 4, 16, 5000, 6000
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    query, past_k, key = rnd(2, T, H * D), rnd(2, G, P, D), rnd(2, T, G, D)
+    past_v, value = rnd(2, G, P, D), rnd(2, T, G, D)
+    mask = torch.ones(2, P + T, dtype=torch.long)
+    mask[1, :1234] = 0
+    ang = rnd(max_pos, D // 2)
+    cos, sin = (ang.cos(), ang.sin()) if rope else (None, None)
+    with torch.no_grad():
+        if shared:
+            ref = cached_attention_kv(query, past_k, key, mask, cos, sin, H, D ** -0.5)
+        else:
+            ref = cached_attention(query, past_k, key, past_v, value, mask, H, D ** -0.5)
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(ortops.library_path()))
+    session = ort.InferenceSession(_op_graph(H, G, D, shared, rope, max_pos).SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"query": query, "past_key": past_k, "key": key, "mask": mask}
+    feed |= {} if shared else {"past_value": past_v, "value": value}
+    feed |= {"cos": cos, "sin": sin} if rope else {}
+    got = session.run(None, {k: v.numpy() for k, v in feed.items()})
+    assert len(got) == len(ref)
+    for a, b in zip(got[1:], ref[1:]):
+        assert np.array_equal(a, b.numpy())  # presents: the past then the new rows, exactly
+    err = np.abs(got[0] - ref[0].numpy()).max()
+    print(f"CachedAttention shared={shared} rope={rope} G={G} T={T}: max|dout| {err:.2e}")
+    assert err <= 1e-5 * np.abs(ref[0].numpy()).max() + 1e-6
+
+
+def test_recipe_onnx_fp32_custom_exports_validates_and_needs_the_library(tmp_path):
+    """The onnx-fp32-custom recipe: export, the manifest's parity through qkvx's runner (which loads
+    the op library), and the recipe checks."""
+    from qkvx.api import export
+    from qkvx.export import ortops
+    from qkvx.recipes import Recipe
+
+    src = qkvx.save(_model("Q-K=V", "llama"), tmp_path / "m")
+    manifest = export(src, "onnx-fp32-custom", tmp_path / "out")
+    assert manifest["parity"]["onnx"]["passed"] and manifest["recipe"]["attention"] == "custom"
+    assert ortops.uses_custom_ops(tmp_path / "out/model.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out/model.onnx")).graph.node]
+    assert ops.count("CachedAttention") == DIMS["n_layer"]
+    for bad, match in [(dict(format="pte", backend="xnnpack", attention="custom"), "attention is an ONNX option"),
+                       (dict(format="onnx", backend="cpu", attention="fused"), "unknown"),
+                       (dict(format="onnx", backend="cpu", attention="rotary", fused_attention=True), "fused_attention means"),
+                       (dict(format="onnx", backend="cpu", attention="custom", kv_cache="int8"), "fp32 weights and cache")]:
+        with pytest.raises(QkvxError, match=match):
+            Recipe(name="bad", **bad)
+    from qkvx.harness.validate import validate
+
+    with pytest.raises(QkvxError, match="built for the host only"):
+        validate(tmp_path / "out", runtimes=["arm64"])
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    export_onnx(_model("Q-K=V", "llama"), plain)
+    assert not ortops.uses_custom_ops(plain / "model.onnx")
 
 
 def test_io_binding_stepper_matches_full_recompute(tmp_path):
@@ -155,8 +283,6 @@ def test_io_binding_stepper_matches_full_recompute(tmp_path):
 
 
 def test_recipe_onnx_fp32_mha_exports_the_fused_graph_and_validates(tmp_path):
-    import onnx
-
     from qkvx.api import export
     from qkvx.recipes import Recipe
 
