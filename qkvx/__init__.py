@@ -1,8 +1,8 @@
 """qkvx: deploy shared-projection (K=V) transformers to devices with ONE KV tensor per layer."""
+
 from qkvx.errors import QkvxError
 from qkvx.spec import ModelSpec, cache_layout
-
-__version__ = "0.1.0"
+from qkvx.version import __version__
 
 
 def load(path, ignore_config_keys=()):

@@ -1,4 +1,4 @@
-"""Memory-budget reports (DESIGN.md 7): for (model, weights/cache dtypes, device, context) the bytes an
+"""Memory-budget reports: for (model, weights/cache dtypes, device, context) the bytes an
 app needs, whether it fits the device's app budget, the longest context that fits, and the decode
 speed ceiling the device's memory bandwidth allows. Reads specs, profiles and artifacts; builds nothing.
 
@@ -14,11 +14,13 @@ Memory model (peak resident bytes; checked against measured peak RSS by qkvx.bud
 Decode ceiling: every weight and every cached byte is read once per token, so
   tokens/s <= bandwidth / (weights + kv_cache(ctx)).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from qkvx.errors import QkvxError
 from qkvx.spec import ModelSpec, cache_layout
@@ -32,41 +34,20 @@ MiB = 2**20
 @dataclass(frozen=True)
 class BackendMemory:
     """How one runtime holds a model, beyond the model's own tensors (all measured: see below)."""
+
     base_bytes: int  # the process with the runtime loaded, before any model
     session_bytes: int  # added by loading and running any model: code paged in, session state
-    extra_weight_copies: float  # resident bytes beyond one copy, per byte of packable (Linear) weight, at peak
+    extra_weight_copies: (
+        float  # resident bytes beyond one copy, per byte of packable (Linear) weight, at peak
+    )
     cache_copies: int = 1  # caches alive during a call (onnxruntime: past inputs + present outputs)
     score_copies: int = 0  # [n_head, chunk, context] fp32 tensors alive at once (0: fused SDPA)
 
 
-# Measured 2026-11-29 on this repo's host (x86-64, 2 cores, Linux; Python 3.11, torch 2.13,
-# executorch 1.5.1, onnxruntime 1.32) with `python -m qkvx.budget_measure --worker`: one fresh
-# process per run, one thread, VmRSS before loading and VmHWM after prefill + decode. Models:
-# a 1x16 model at context 16 (session), the trained demo (4x128) and a random 92.7M-parameter
-# Q-K=V (14x768) at 256..2048 tokens (weights, copies). `qkvx budget EXPORT --measure` re-checks them.
-#
-# HOST_PYTHON: what `qkvx budget --measure` runs, a Python process driving the pybindings.
-#   base: VmRSS after the worker's imports (torch, the runtime, qkvx): pte 367.4 MiB (importing
-#     executorch's pybindings adds 136 MiB to torch's 218), onnx 251.4 MiB.
-#   session: peak - baseline for the 1x16 model: pte 3.6 MiB, onnx 11.1 MiB (code pages, mostly).
-#   pte weights x1.05: the runner loads the .pte by path (mapped, like the C++ runner), XNNPACK
-#     packs its own copy of every Linear weight (lookup_table_bytes stay unpacked) and the mapped
-#     pages can go: 92.7M model +457 MiB peak = 354 weights + 84 plan + 17 transient + code. (When
-#     the runner passed the file as bytes it was +786 MiB: executorch kept the bytes, a 2nd copy.)
-#   onnx weights x1.25: MatMul prepacking leaves 60-125 MiB of allocator slack on 353 MiB of weights
-#     (1.17-1.35x over 11 loads, median 1.23); session.disable_prepacking gives a steady 1.00x but
-#     prefills 30 % and decodes 18 % slower here, so the runtime default stays and is what is counted.
-#   onnx cache x2, scores x5: the graph concatenates past and the new rows into a present output
-#     while the past input is alive; the unfused Softmax(QK^T * s + mask) holds about 5 [n_head, T, ctx]
-#     fp32 tensors at once (expanded and tiled mask, scores, scaled, probabilities): a chunk sweep
-#     T = 64..256 at ctx 2048 on the demo grew by 4.8-5.4 such tensors.
-# DEVICE_APP: a C++ app on a device maps the artifact and links only the runtime: its Python base
-#   does not apply. base + session = the runtime's native libraries resident after a run, read from
-#   /proc/self/smaps in the same workers (pte: executorch's .so files 4.8 MiB; onnx: the
-#   onnxruntime .so 20.8 MiB), rounded up for heap and thread pool; x86-64 builds, an arm64 build
-#   is of the same order. pte weights x1.05: loading the .pte by path (mmap, as the C++ runner
-#   does) keeps only XNNPACK's packed copy; the mapped pages being packed add a 17 MiB transient
-#   on 354 MiB (92.7M model). onnxruntime loads the same way from C++ as from Python: same copies.
+# The runtimes' own terms, measured on this repo's host (x86-64 builds; how, and the numbers behind
+# each constant: README, "Memory budget" / "the runtime terms"). `qkvx budget EXPORT --measure`
+# re-checks them on any machine. HOST_PYTHON: a Python process driving the pybindings (what
+# --measure runs); DEVICE_APP: a C++ app that maps the artifact and links only the runtime.
 HOST_PYTHON_BACKENDS = {
     "pte": BackendMemory(int(367.4 * MiB), int(3.6 * MiB), 0.05),
     "onnx": BackendMemory(int(251.4 * MiB), int(11.1 * MiB), 0.25, cache_copies=2, score_copies=5),
@@ -119,9 +100,11 @@ def weight_bytes(spec: ModelSpec, scheme: str = "fp32") -> int:
 
 def lookup_table_bytes(spec: ModelSpec, scheme: str = "fp32") -> int:
     """Tables only ever gathered from (learned positions; the token embedding unless the head is tied
-    to it): no runtime packs them, so they are resident once (92.7M .pte: 348 of 354 MiB packed)."""
+    to it): no runtime packs them, so they are resident once."""
     C = spec.n_embd
-    n = (spec.max_positions * C if spec.positions == "learned" else 0) + (0 if spec.tie_embeddings else spec.vocab_size * C)
+    n = (spec.max_positions * C if spec.positions == "learned" else 0) + (
+        0 if spec.tie_embeddings else spec.vocab_size * C
+    )
     return n * (2 if scheme == "fp16" else 4)
 
 
@@ -144,10 +127,19 @@ def backend_memory(backend: str, host_python: bool = False) -> BackendMemory:
     return table.get(backend, table["pte"])
 
 
-def budget_row(spec: ModelSpec, device, context: int, weights: str = "fp32", cache_dtype: str = "fp32",
-               backend: str = "pte", chunk: int = 64, artifact_bytes: int | None = None,
-               planned_activation_bytes: int | None = None, planned_cache_bytes: int | None = None,
-               host_python: bool = False) -> BudgetRow:
+def budget_row(
+    spec: ModelSpec,
+    device,
+    context: int,
+    weights: str = "fp32",
+    cache_dtype: str = "fp32",
+    backend: str = "pte",
+    chunk: int = 64,
+    artifact_bytes: int | None = None,
+    planned_activation_bytes: int | None = None,
+    planned_cache_bytes: int | None = None,
+    host_python: bool = False,
+) -> BudgetRow:
     """One report row. `device` is a qkvx.devices.DeviceProfile; `planned_activation_bytes` is a
     .pte memory plan's arena minus its cache buffers (valid for the context it was planned at) and
     `planned_cache_bytes` those buffers, resident at their max_seq_len size from load on.
@@ -161,7 +153,9 @@ def budget_row(spec: ModelSpec, device, context: int, weights: str = "fp32", cac
     runtime = mem.base_bytes + mem.session_bytes + copies
 
     def working_set(ctx: int) -> int:
-        return activation_bytes(spec, ctx, chunk, mem.score_copies) + (mem.cache_copies - 1) * layout.bytes_at(ctx)
+        return activation_bytes(spec, ctx, chunk, mem.score_copies) + (
+            mem.cache_copies - 1
+        ) * layout.bytes_at(ctx)
 
     def total(ctx: int) -> int:  # at a context the artifact was not planned for: the estimate
         return w + layout.bytes_at(ctx) + working_set(ctx) + runtime
@@ -181,10 +175,19 @@ def budget_row(spec: ModelSpec, device, context: int, weights: str = "fp32", cac
     read = w + layout.bytes_at(context)
     row_total = int(w + kv + act + runtime)
     return BudgetRow(
-        variant=spec.paper_name, device=device.name, context=context, weights_bytes=int(w),
-        kv_cache_bytes=kv, activation_bytes=int(act), runtime_bytes=runtime,
-        total_bytes=row_total, budget_bytes=budget, fits=row_total <= budget,
-        max_context=min(mem_max, spec.max_positions), max_context_memory=mem_max, bytes_read_per_token=int(read),
+        variant=spec.paper_name,
+        device=device.name,
+        context=context,
+        weights_bytes=int(w),
+        kv_cache_bytes=kv,
+        activation_bytes=int(act),
+        runtime_bytes=runtime,
+        total_bytes=row_total,
+        budget_bytes=budget,
+        fits=row_total <= budget,
+        max_context=min(mem_max, spec.max_positions),
+        max_context_memory=mem_max,
+        bytes_read_per_token=int(read),
         decode_tokens_per_s_ceiling=device.mem_bandwidth_bytes_per_s / read,
         weights_source="artifact" if artifact_bytes is not None else "estimate",
         activation_source="pte plan" if planned_activation_bytes is not None else "estimate",
@@ -194,17 +197,37 @@ def budget_row(spec: ModelSpec, device, context: int, weights: str = "fp32", cac
 
 def compare_specs(spec: ModelSpec, variants: Iterable[str] = COMPARE_VARIANTS) -> list[ModelSpec]:
     """The same dims under each paper variant (the paper's side-by-side cache table)."""
-    dims = dict(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head, vocab_size=spec.vocab_size,
-                max_positions=spec.max_positions, head_dim=spec.head_dim, positions=spec.positions,
-                rope_theta=spec.rope_theta, norm=spec.norm, norm_eps=spec.norm_eps, mlp=spec.mlp,
-                n_inner=spec.n_inner, bias=spec.bias, tie_embeddings=spec.tie_embeddings)
+    dims = dict(
+        n_layer=spec.n_layer,
+        n_embd=spec.n_embd,
+        n_head=spec.n_head,
+        vocab_size=spec.vocab_size,
+        max_positions=spec.max_positions,
+        head_dim=spec.head_dim,
+        positions=spec.positions,
+        rope_theta=spec.rope_theta,
+        norm=spec.norm,
+        norm_eps=spec.norm_eps,
+        mlp=spec.mlp,
+        n_inner=spec.n_inner,
+        bias=spec.bias,
+        tie_embeddings=spec.tie_embeddings,
+    )
     return [ModelSpec.from_paper_name(v, **dims) for v in variants]
 
 
-def report(specs: list[ModelSpec], devices: list, contexts: list[int], weights: str = "fp32",
-           cache_dtype: str = "fp32", backend: str = "pte", chunk: int = 64,
-           artifact_bytes: int | None = None, plan: dict | None = None,
-           host_python: bool = False) -> list[BudgetRow]:
+def report(
+    specs: list[ModelSpec],
+    devices: list,
+    contexts: list[int],
+    weights: str = "fp32",
+    cache_dtype: str = "fp32",
+    backend: str = "pte",
+    chunk: int = 64,
+    artifact_bytes: int | None = None,
+    plan: dict | None = None,
+    host_python: bool = False,
+) -> list[BudgetRow]:
     """Rows for every (variant, device, context). Artifact size and plan apply only to the single
     spec they came from; the plan only at the context it was planned for."""
     rows = []
@@ -215,14 +238,28 @@ def report(specs: list[ModelSpec], devices: list, contexts: list[int], weights: 
                 act = cache = None
                 if own and plan and ctx <= plan.get("context", 0):  # planned for the max shapes
                     act, cache = plan["planned_bytes"] - plan["cache_bytes"], plan["cache_bytes"]
-                rows.append(budget_row(spec, device, ctx, weights, cache_dtype, backend, chunk,
-                                       artifact_bytes if own else None, act, cache, host_python))
+                rows.append(
+                    budget_row(
+                        spec,
+                        device,
+                        ctx,
+                        weights,
+                        cache_dtype,
+                        backend,
+                        chunk,
+                        artifact_bytes if own else None,
+                        act,
+                        cache,
+                        host_python,
+                    )
+                )
     return rows
 
 
 @dataclass
 class ExportFacts:
     """What a budget reads from an export directory's manifest.json."""
+
     spec: ModelSpec
     backend: str  # the first artifact's format: pte | onnx
     cache_dtype: str
@@ -234,17 +271,25 @@ class ExportFacts:
 
 def read_export(path: str | Path) -> ExportFacts | None:
     """The facts of an export directory; None when `path` holds no manifest.json."""
-    from qkvx.export.manifest import read_manifest
+    from qkvx.artifact import MANIFEST, Manifest
 
     path = Path(path)
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         return None
-    m = read_manifest(path)
+    m = Manifest.read(path)
     plan = None
-    if "planned_bytes" in m["export"]:
-        plan = {"context": m["max_seq_len"], "planned_bytes": m["export"]["planned_bytes"],
-                "cache_bytes": m["cache"]["program_cache_bytes"]}
-    return ExportFacts(spec=ModelSpec.from_dict(m["spec"], source=str(path / "manifest.json")),
-                       backend=m["artifacts"][0]["format"], cache_dtype=m["recipe"]["kv_cache"],
-                       artifact_bytes=sum(a["bytes"] for a in m["artifacts"]),
-                       chunk=m["export"].get("prefill_chunk", 64), plan=plan, max_seq_len=m["max_seq_len"])
+    if m.export.planned_bytes is not None:
+        plan = {
+            "context": m.max_seq_len,
+            "planned_bytes": m.export.planned_bytes,
+            "cache_bytes": m.cache.program_cache_bytes,
+        }
+    return ExportFacts(
+        spec=m.spec,
+        backend=m.format,
+        cache_dtype=m.recipe.kv_cache,
+        artifact_bytes=sum(a.total_bytes for a in m.artifacts),
+        chunk=m.export.prefill_chunk or 64,
+        plan=plan,
+        max_seq_len=m.max_seq_len,
+    )

@@ -12,6 +12,7 @@ runtime constants measured for a Python process on this host (qkvx.budget.HOST_P
 The model-attributable part (peak - baseline vs estimate - the constant baseline) is reported beside
 the total because for a small model the interpreter and runtime dominate the total.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvx.errors import QkvxError
+from qkvx.util import fmt_mib
 
 # File mappings whose resident pages are the runtime's native code (what a C++ app would map too).
 NATIVE_LIBS = {"pte": ("/executorch/",), "onnx": ("/onnxruntime/",)}
@@ -67,9 +69,13 @@ class MeasureRow:
         return self.estimate_model_bytes / max(self.model_peak_bytes, 1) - 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "model_peak_bytes": self.model_peak_bytes,
-                "estimate_model_bytes": self.estimate_model_bytes, "error": self.error,
-                "model_error": self.model_error}
+        return {
+            **asdict(self),
+            "model_peak_bytes": self.model_peak_bytes,
+            "estimate_model_bytes": self.estimate_model_bytes,
+            "error": self.error,
+            "model_error": self.model_error,
+        }
 
 
 def measure_artifact(export_dir: str | os.PathLike, contexts: list[int]) -> list[MeasureRow]:
@@ -83,37 +89,74 @@ def measure_artifact(export_dir: str | os.PathLike, contexts: list[int]) -> list
     if facts is None:
         raise QkvxError(f"{directory}: --measure needs an export directory (no manifest.json there)")
     if facts.backend not in NATIVE_LIBS:
-        raise QkvxError(f"{directory}: cannot measure a {facts.backend!r} artifact; known: {', '.join(NATIVE_LIBS)}")
+        raise QkvxError(
+            f"{directory}: cannot measure a {facts.backend!r} artifact; known: {', '.join(NATIVE_LIBS)}"
+        )
     if not contexts:
         raise QkvxError("--measure needs --context (the contexts to run to)")
     for ctx in contexts:
         if not 1 <= ctx <= facts.max_seq_len:
-            raise QkvxError(f"--context {ctx}: the artifact runs 1..{facts.max_seq_len} tokens (its max_seq_len)")
+            raise QkvxError(
+                f"--context {ctx}: the artifact runs 1..{facts.max_seq_len} tokens (its max_seq_len)"
+            )
     host = load_device("host")
     mem = b.backend_memory(facts.backend, host_python=True)
     rows = []
     for ctx in contexts:
         got = _run_worker(facts.backend, directory, ctx, facts.chunk)
-        est = b.report([facts.spec], [host], [ctx], "fp32", facts.cache_dtype, facts.backend, facts.chunk,
-                       facts.artifact_bytes, facts.plan, host_python=True)[0]
-        rows.append(MeasureRow(
-            artifact=str(directory), format=facts.backend, context=ctx, chunk=facts.chunk,
-            baseline_rss_bytes=got["baseline"]["VmRSS"], loaded_rss_bytes=got["loaded"]["VmRSS"],
-            peak_rss_bytes=got["end"]["VmHWM"],
-            native_code_bytes=got["native_code_bytes"], weights_bytes=est.weights_bytes,
-            weight_copies_bytes=est.weight_copies_bytes, kv_cache_bytes=est.kv_cache_bytes,
-            activation_bytes=est.activation_bytes, session_bytes=mem.session_bytes,
-            runtime_baseline_bytes=mem.base_bytes, estimate_bytes=est.total_bytes, seconds=got["seconds"]))
+        est = b.report(
+            [facts.spec],
+            [host],
+            [ctx],
+            "fp32",
+            facts.cache_dtype,
+            facts.backend,
+            facts.chunk,
+            facts.artifact_bytes,
+            facts.plan,
+            host_python=True,
+        )[0]
+        rows.append(
+            MeasureRow(
+                artifact=str(directory),
+                format=facts.backend,
+                context=ctx,
+                chunk=facts.chunk,
+                baseline_rss_bytes=got["baseline"]["VmRSS"],
+                loaded_rss_bytes=got["loaded"]["VmRSS"],
+                peak_rss_bytes=got["end"]["VmHWM"],
+                native_code_bytes=got["native_code_bytes"],
+                weights_bytes=est.weights_bytes,
+                weight_copies_bytes=est.weight_copies_bytes,
+                kv_cache_bytes=est.kv_cache_bytes,
+                activation_bytes=est.activation_bytes,
+                session_bytes=mem.session_bytes,
+                runtime_baseline_bytes=mem.base_bytes,
+                estimate_bytes=est.total_bytes,
+                seconds=got["seconds"],
+            )
+        )
     return rows
 
 
 def _run_worker(fmt: str, directory: Path, context: int, chunk: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "qkvx.budget_measure", "--worker", fmt, str(directory), str(context), str(chunk)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qkvx.budget_measure",
+        "--worker",
+        fmt,
+        str(directory),
+        str(context),
+        str(chunk),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise QkvxError(f"{directory}: measuring context {context} took over {WORKER_TIMEOUT:.0f} s") from None
+        raise QkvxError(
+            f"{directory}: measuring context {context} took over {WORKER_TIMEOUT:.0f} s"
+        ) from None
     lines = r.stdout.strip().splitlines()
     if r.returncode or not lines:
         why = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -121,40 +164,33 @@ def _run_worker(fmt: str, directory: Path, context: int, chunk: int) -> dict[str
     return json.loads(lines[-1])
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
 def markdown_table(rows: list[MeasureRow]) -> str:
     """Estimate vs measured peak RSS, whole process and the model's part (peak - baseline; the
     estimate's terms beside it), as a Markdown table."""
-    out = ["| artifact | context | estimate | measured peak RSS | error | model part: estimate | measured | "
-           "error | estimate = weights + copies + KV + activations + session |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| artifact | context | estimate | measured peak RSS | error | model part: estimate | measured | "
+        "error | estimate = weights + copies + KV + activations + session |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        terms = (r.weights_bytes, r.weight_copies_bytes, r.kv_cache_bytes, r.activation_bytes, r.session_bytes)
-        out.append(f"| {r.artifact} ({r.format}) | {r.context:,} | {_mib(r.estimate_bytes)} | {_mib(r.peak_rss_bytes)} | "
-                   f"{100 * r.error:+.1f} % | {_mib(r.estimate_model_bytes)} | {_mib(r.model_peak_bytes)} | "
-                   f"{100 * r.model_error:+.1f} % | {' + '.join(f'{t / 2**20:,.1f}' for t in terms)} MiB |")
+        terms = (
+            r.weights_bytes,
+            r.weight_copies_bytes,
+            r.kv_cache_bytes,
+            r.activation_bytes,
+            r.session_bytes,
+        )
+        out.append(
+            f"| {r.artifact} ({r.format}) | {r.context:,} | {fmt_mib(r.estimate_bytes)} | "
+            f"{fmt_mib(r.peak_rss_bytes)} | "
+            f"{100 * r.error:+.1f} % | {fmt_mib(r.estimate_model_bytes)} | {fmt_mib(r.model_peak_bytes)} | "
+            f"{100 * r.model_error:+.1f} % | {' + '.join(f'{t / 2**20:,.1f}' for t in terms)} MiB |"
+        )
     return "\n".join(out)
 
 
-def print_measure_table(rows: list[MeasureRow]) -> None:
-    """The same comparison for a terminal or a CI log, in MiB, with the measured vs counted baseline."""
-    from qkvx.console import console, print_table
-
-    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
-    print_table(f"{rows[0].artifact} ({rows[0].format}): estimate vs measured peak RSS (MiB), this host, 1 thread",
-                ("context", "estimate", "measured", "error", "model: est.", "measured", "error", "weights+copies",
-                 "KV", "act.", "session"),
-                [(f"{r.context:,}", mib(r.estimate_bytes), mib(r.peak_rss_bytes), f"{100 * r.error:+.1f}%",
-                  mib(r.estimate_model_bytes), mib(r.model_peak_bytes), f"{100 * r.model_error:+.1f}%",
-                  f"{mib(r.weights_bytes)}+{mib(r.weight_copies_bytes)}", mib(r.kv_cache_bytes),
-                  mib(r.activation_bytes), mib(r.session_bytes)) for r in rows])
-    console.print(f"[dim]model = peak - baseline RSS (interpreter, torch, runtime: measured "
-                  f"{mib(rows[0].baseline_rss_bytes)} MiB, counted {mib(rows[0].runtime_baseline_bytes)} MiB)[/]")
-
 # ---------------------------------------------------------------- worker (a fresh process per run)
+
 
 def _status() -> dict[str, int]:
     from qkvx.bench.peak import proc_status
@@ -177,21 +213,19 @@ def _native_code_bytes(fmt: str) -> int:
 
 def _import_runtime(fmt: str):
     """Import torch, the runtime and its runner module, one thread each."""
-    from qkvx.harness.runners import use_one_thread
+    from qkvx.harness.runners import one_thread, runner_class
 
-    use_one_thread(fmt)
+    one_thread(fmt)
     if fmt == "pte":
         from executorch.runtime import Runtime
 
-        from qkvx.rewrite import load_custom_ops
+        from qkvx.decode import load_custom_ops
 
         Runtime.get()
         load_custom_ops()
     else:
         import onnxruntime  # noqa: F401
-    from qkvx.harness.runners import get_runner
-
-    get_runner(fmt)  # the runner modules import their runtime now, before the baseline is read
+    runner_class(fmt)  # the runner modules import their runtime now, before the baseline is read
 
 
 def run_worker(fmt: str, path: str, context: int, chunk: int) -> dict[str, Any]:
@@ -200,10 +234,8 @@ def run_worker(fmt: str, path: str, context: int, chunk: int) -> dict[str, Any]:
     import time
 
     from qkvx.budget import read_export
-    from qkvx.export.manifest import read_manifest
-    from qkvx.harness.validate import token_stream
-
     from qkvx.harness.runners import one_thread_runner
+    from qkvx.validate import token_stream
 
     _import_runtime(fmt)
     directory = Path(path)
@@ -217,18 +249,22 @@ def run_worker(fmt: str, path: str, context: int, chunk: int) -> dict[str, Any]:
     except OSError:  # then VmHWM may include them; here it equalled the baseline RSS
         pass
     t0 = time.perf_counter()
-    art = next(a for a in read_manifest(directory)["artifacts"] if a["format"] == fmt)
-    runner = one_thread_runner(fmt, directory / art["file"])
+    runner = one_thread_runner(fmt, directory)
     loaded = _status()
     # ORT would take a whole prompt in one call; the estimate (and an app that bounds its memory)
     # feeds `chunk` tokens per call. A .pte's chunk is its program's and already <= chunk.
     step = min(runner.prefill_chunk, chunk)
     for i in range(0, context - 1, step):  # one call per chunk; logits dropped as an app would
-        runner.prefill(tokens[i:min(i + step, context - 1)])
+        runner.prefill(tokens[i : min(i + step, context - 1)])
     runner.decode(int(tokens[context - 1]))
     end = _status()
-    return {"baseline": baseline, "loaded": loaded, "end": end, "native_code_bytes": _native_code_bytes(fmt),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "baseline": baseline,
+        "loaded": loaded,
+        "end": end,
+        "native_code_bytes": _native_code_bytes(fmt),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _worker_main(argv: list[str]) -> None:

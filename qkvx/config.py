@@ -3,6 +3,7 @@
 `typed(cls, data, where)` builds a dataclass from a parsed mapping and raises a one-line
 QkvxError naming the file (`where`) and the key for an unknown key, a missing key or a wrong type.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,20 +26,27 @@ def _type_name(t: Any) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _coerce(value: Any, t: Any) -> tuple[bool, Any]:
-    """(ok, converted value) for one allowed type `t`."""
+def _coerce(value: Any, t: Any, where: str = "") -> tuple[bool, Any]:
+    """(ok, converted value) for one allowed type `t`; nested dataclasses (also as list items) are
+    built with typed(), whose errors name `where`."""
     if t is type(None):
         return value is None, value
+    if dataclasses.is_dataclass(t):
+        return isinstance(value, dict), typed(t, value, where) if isinstance(value, dict) else value
     origin = typing.get_origin(t)
     if origin in (tuple, list):
         item = (typing.get_args(t) or (Any,))[0]
-        if not isinstance(value, (list, tuple)) or not all(_coerce(v, item)[0] for v in value):
+        if not isinstance(value, (list, tuple)):
             return False, value
-        return True, tuple(value)
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if not all(ok for ok, _ in items):
+            return False, value
+        return True, tuple(v for _, v in items)
     if origin in (dict, Mapping):
         key_t, val_t = typing.get_args(t) or (Any, Any)
-        if not isinstance(value, dict) or not all(_coerce(k, key_t)[0] and _coerce(v, val_t)[0]
-                                                  for k, v in value.items()):
+        if not isinstance(value, dict) or not all(
+            _coerce(k, key_t)[0] and _coerce(v, val_t)[0] for k, v in value.items()
+        ):
             return False, value
         return True, types.MappingProxyType(dict(value))
     if t is Any:
@@ -63,8 +71,11 @@ def typed(cls, data: Any, where: str, *, require: bool = True, hidden: tuple[str
             raise QkvxError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(fields))}")
     if require:
         for name, f in fields.items():
-            if (name not in data and f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING):
+            if (
+                name not in data
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
                 raise QkvxError(f"{where}: missing key {name!r}")
     values = {}
     for key, value in data.items():
@@ -72,20 +83,24 @@ def typed(cls, data: Any, where: str, *, require: bool = True, hidden: tuple[str
         if dataclasses.is_dataclass(hint):
             values[key] = typed(hint, value, f"{where}.{key}", require=require)
             continue
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
-            else (hint,)
+        allowed = (
+            typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        )
         for t in allowed:
-            ok, converted = _coerce(value, t)
+            ok, converted = _coerce(value, t, f"{where}.{key}")
             if ok:
                 values[key] = converted
                 break
         else:
-            raise QkvxError(f"{where}: key {key!r} must be {' or '.join(_type_name(t) for t in allowed)}, "
-                            f"got {value!r}")
+            raise QkvxError(
+                f"{where}: key {key!r} must be {' or '.join(_type_name(t) for t in allowed)}, got {value!r}"
+            )
     return cls(**values)
 
 
-def resolve_named_file(name_or_path, directory: Path, suffixes: tuple[str, ...], kind: str, noun: str) -> Path:
+def resolve_named_file(
+    name_or_path, directory: Path, suffixes: tuple[str, ...], kind: str, noun: str
+) -> Path:
     """A shipped file by name (directory/NAME + suffixes[0]) or a user's file by path: the lookup
     recipes and device profiles share. Unknown names list the known ones."""
     path = Path(name_or_path)

@@ -1,4 +1,5 @@
 """Export recipes (export_recipes/*.yaml): small validated dataclasses; unknown keys are errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from qkvx.config import resolve_named_file, typed as _typed
+from qkvx.config import resolve_named_file
+from qkvx.config import typed as _typed
 from qkvx.errors import QkvxError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
@@ -18,6 +20,11 @@ FORMATS = {"pte": ("xnnpack",), "onnx": ("cpu",)}
 # int8 channels); ONNX uses onnxruntime's dynamic int8 (optimum ORTQuantizer) and MatMulNBits int4.
 WEIGHTS = {"pte": ("none", "8da4w", "8da8w"), "onnx": ("none", "int8", "int4")}
 KV_CACHE = ("fp32", "int8")
+# How each format's artifact attends; the first is the default. onnx: plain ONNX ops; mha:
+# onnxruntime's MultiHeadAttention reading the one K=V cache as key and value; rotary: mha, and a
+# RoPE K=V layer's keys rotated by onnxruntime's RotaryEmbedding; custom: qkvx.CachedAttention,
+# qkvx's onnxruntime op (append and attend in one pass, keys rotated as they are read).
+ATTENTION = {"pte": ("llama",), "onnx": ("plain", "mha", "rotary", "custom")}
 INT8_PRESETS = ("arm64", "avx2", "avx512_vnni")
 
 
@@ -71,11 +78,7 @@ class Recipe:
     int8_preset: str | None = None  # onnx int8: optimum preset; None = from the device, else the host
     quantize_lm_head: bool = False  # the (often tied) output projection, quantized or kept fp32
     kv_cache: str = "fp32"  # fp32 | int8 (symmetric, one scale per token and kv head)
-    fused_attention: bool = False  # onnx: onnxruntime's MultiHeadAttention, the one cache as key and value
-    # onnx: the attention graph (qkvx.rewrite.ONNX_ATTENTION): plain ops; mha (= fused_attention);
-    # rotary (mha, RoPE K=V keys rotated by onnxruntime's RotaryEmbedding); custom (qkvx.CachedAttention,
-    # the custom op built from qkvx/export/ortops: append and attend in one pass). None: from fused_attention.
-    attention: str | None = None
+    attention: str | None = None  # how the artifact attends (ATTENTION); None: the format's first
     max_seq_len: int | None = None  # None: the model's max_positions
     prefill_chunk: int = 64
     gates: Gates = field(default_factory=Gates)
@@ -86,34 +89,38 @@ class Recipe:
         if self.format not in FORMATS:
             raise QkvxError(f"{src}: format {self.format!r} unknown; known: {', '.join(FORMATS)}")
         if self.backend not in FORMATS[self.format]:
-            raise QkvxError(f"{src}: backend {self.backend!r} not available for {self.format}; "
-                            f"known: {', '.join(FORMATS[self.format])}")
+            raise QkvxError(
+                f"{src}: backend {self.backend!r} not available for {self.format}; "
+                f"known: {', '.join(FORMATS[self.format])}"
+            )
         if self.weights not in WEIGHTS[self.format]:
-            raise QkvxError(f"{src}: weights {self.weights!r} not available for {self.format}; "
-                            f"known: {', '.join(WEIGHTS[self.format])}")
+            raise QkvxError(
+                f"{src}: weights {self.weights!r} not available for {self.format}; "
+                f"known: {', '.join(WEIGHTS[self.format])}"
+            )
         if self.int8_preset is not None and self.int8_preset not in INT8_PRESETS:
-            raise QkvxError(f"{src}: int8_preset {self.int8_preset!r} unknown; known: {', '.join(INT8_PRESETS)}")
+            raise QkvxError(
+                f"{src}: int8_preset {self.int8_preset!r} unknown; known: {', '.join(INT8_PRESETS)}"
+            )
         if self.group_size < 1 or self.group_size & (self.group_size - 1):
             raise QkvxError(f"{src}: group_size must be a power of two, got {self.group_size}")
         if self.kv_cache not in KV_CACHE:
             raise QkvxError(f"{src}: kv_cache {self.kv_cache!r} unknown; known: {', '.join(KV_CACHE)}")
-        if self.fused_attention and self.format != "onnx":
-            raise QkvxError(f"{src}: fused_attention is an ONNX option (a .pte always uses custom_sdpa)")
-        if self.attention is not None:
-            from qkvx.rewrite import ONNX_ATTENTION
-
-            if self.format != "onnx":
-                raise QkvxError(f"{src}: attention is an ONNX option (a .pte always uses custom_sdpa)")
-            if self.attention not in ONNX_ATTENTION:
-                raise QkvxError(f"{src}: attention {self.attention!r} unknown; known: {', '.join(ONNX_ATTENTION)}")
-            if self.fused_attention and self.attention != "mha":
-                raise QkvxError(f"{src}: fused_attention means attention: mha, not {self.attention!r}")
-            if self.attention not in ("plain", "mha") and (self.kv_cache != "fp32" or self.weights != "none"):
-                raise QkvxError(f"{src}: attention {self.attention!r} is built for fp32 weights and cache only")
+        if self.attention is not None and self.attention not in ATTENTION[self.format]:
+            raise QkvxError(
+                f"{src}: attention {self.attention!r} not available for {self.format}; "
+                f"known: {', '.join(ATTENTION[self.format])}"
+            )
+        if self.attention in ("rotary", "custom") and (self.kv_cache != "fp32" or self.weights != "none"):
+            raise QkvxError(f"{src}: attention {self.attention!r} is built for fp32 weights and cache only")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise QkvxError(f"{src}: max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.prefill_chunk < 2:
             raise QkvxError(f"{src}: prefill_chunk must be >= 2, got {self.prefill_chunk}")
+
+    @property
+    def attention_kind(self) -> str:
+        return self.attention or ATTENTION[self.format][0]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

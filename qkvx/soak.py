@@ -19,7 +19,7 @@ records distinct_last_window).
 Reference: ONE teacher-forced forward of the eager model over the whole final sequence (causal, so
 position t's logits are the full recompute at step t): no cache code is involved.
 
-Gate (DESIGN.md 6, the fp32 recipes' gates): in EVERY window (the prefill, then each WINDOW decode
+Gate (the fp32 recipes' gates): in EVERY window (the prefill, then each WINDOW decode
 steps) max |dlogit| <= max_rel_dlogit * max|logit| + abs_dlogit_floor, and top-1 agreement >=
 min_top1. Per-window rather than over the whole stream, so large early logits cannot hide a late
 drift. Top-1 is gated over the decisive positions: those whose reference top-2 margin exceeds twice
@@ -30,25 +30,30 @@ beyond the bound, so the dlogit gate already rules it out; the top-1 gate stays 
 The last / first decode window ratio of max|dlogit| / max|logit| is reported, not gated: a longer
 softmax sum rounds a little more, which is not a cache bug; the bound is what must hold.
 """
+
 from __future__ import annotations
 
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from qkvx.harness.parity import logit_stats
 from qkvx.harness.runners import one_thread_runner
 from qkvx.recipes import Gates, load_recipe
+from qkvx.util import variant_slug
 
 SOAK_DIMS = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256)  # 1.0-1.35M params: fast on one core
 INIT_STD = 0.1  # 0.02 gives max|logit| ~1 and near-uniform attention; 0.1 gives ~5
-LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
-VARIANTS: dict[str, tuple[str, dict]] = {  # name -> (paper variant, family fields)
-    "gpt-QKV": ("QKV", {}), "gpt-Q-K=V": ("Q-K=V", {}), "llama-Q-K=V": ("Q-K=V", LLAMA)}
+VARIANTS: dict[str, tuple[str, str, dict]] = {  # name -> (paper variant, family, other fields)
+    "gpt-QKV": ("QKV", "gpt", {}),
+    "gpt-Q-K=V": ("Q-K=V", "gpt", {}),
+    "llama-Q-K=V": ("Q-K=V", "llama", dict(tie_embeddings=False, n_inner=4 * SOAK_DIMS["n_embd"])),
+}
 RUNTIMES = ("pte", "onnx")
 RECIPES = {"pte": "pte-fp32", "onnx": "onnx-fp32"}  # whose gates bound each runtime
 PROMPT, WINDOW = 16, 512
@@ -58,8 +63,8 @@ def soak_model(variant: str, max_positions: int, seed: int = 0):
     from qkvx.models.transformer import Transformer
     from qkvx.spec import ModelSpec
 
-    paper, family = VARIANTS[variant]
-    spec = ModelSpec.from_paper_name(paper, **SOAK_DIMS, max_positions=max_positions, **family)
+    paper, family, extra = VARIANTS[variant]
+    spec = ModelSpec.for_family(family, paper, **SOAK_DIMS, max_positions=max_positions, **extra)
     return Transformer(spec).init_weights(seed, std=INIT_STD).eval()
 
 
@@ -100,60 +105,104 @@ def windows(prompt: int, total: int, window: int = WINDOW) -> list[tuple[int, in
     return [(0, prompt)] + [(s, min(s + window, total)) for s in range(prompt, total, window)]
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor, gates: Gates, prompt: int,
-            window: int = WINDOW) -> dict[str, Any]:
+def compare(
+    got: torch.Tensor, ref: torch.Tensor, gates: Gates, prompt: int, window: int = WINDOW
+) -> dict[str, Any]:
     """Runtime logits vs reference logits, both [N, vocab], per window (see the module docstring)."""
     rows = []
     for start, end in windows(prompt, len(ref), window):
         st = logit_stats(got[start:end], ref[start:end], gates)
         bound = gates.bound(st.max_abs_logit)
-        rows.append({"start": start, "end": end, "max_abs_dlogit": st.max_abs_dlogit, "max_abs_logit": st.max_abs_logit,
-                     "rel_dlogit": st.max_abs_dlogit / st.max_abs_logit if st.max_abs_logit else 0.0,
-                     "bound": bound, "top1": st.top1_all, "top1_decisive": st.top1, "near_ties": st.near_ties,
-                     "flips": st.flips, "passed": st.max_abs_dlogit <= bound and st.top1 >= gates.min_top1})
+        rows.append(
+            {
+                "start": start,
+                "end": end,
+                "max_abs_dlogit": st.max_abs_dlogit,
+                "max_abs_logit": st.max_abs_logit,
+                "rel_dlogit": st.max_abs_dlogit / st.max_abs_logit if st.max_abs_logit else 0.0,
+                "bound": bound,
+                "top1": st.top1_all,
+                "top1_decisive": st.top1,
+                "near_ties": st.near_ties,
+                "flips": st.flips,
+                "passed": st.max_abs_dlogit <= bound and st.top1 >= gates.min_top1,
+            }
+        )
     first, last = rows[1]["rel_dlogit"], rows[-1]["rel_dlogit"]  # decode windows: drift grows with context
-    return {"windows": rows, "max_abs_dlogit": max(w["max_abs_dlogit"] for w in rows),
-            "max_rel_dlogit": max(w["rel_dlogit"] for w in rows),
-            "top1": sum(w["top1"] * (w["end"] - w["start"]) for w in rows) / len(ref),
-            "flips": sum(w["flips"] for w in rows), "near_ties": sum(w["near_ties"] for w in rows),
-            "last_over_first": last / first if first else None,  # None: the first window was exact
-            "last_worse": last > first, "passed": all(w["passed"] for w in rows)}
+    return {
+        "windows": rows,
+        "max_abs_dlogit": max(w["max_abs_dlogit"] for w in rows),
+        "max_rel_dlogit": max(w["rel_dlogit"] for w in rows),
+        "top1": sum(w["top1"] * (w["end"] - w["start"]) for w in rows) / len(ref),
+        "flips": sum(w["flips"] for w in rows),
+        "near_ties": sum(w["near_ties"] for w in rows),
+        "last_over_first": last / first if first else None,  # None: the first window was exact
+        "last_worse": last > first,
+        "passed": all(w["passed"] for w in rows),
+    }
 
 
-def run_soak(out_dir: str | Path, steps: int = 4096, variants: tuple[str, ...] = tuple(VARIANTS),
-             runtimes: tuple[str, ...] = RUNTIMES, progress: Callable[[str], Any] = print,
-             stream: str = "random", prompt: int = PROMPT, window: int = WINDOW) -> dict[str, Any]:
+def run_soak(
+    out_dir: str | Path,
+    steps: int = 4096,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    runtimes: tuple[str, ...] = RUNTIMES,
+    progress: Callable[[str], Any] = print,
+    stream: str = "random",
+    prompt: int = PROMPT,
+    window: int = WINDOW,
+) -> dict[str, Any]:
     """Export, run and compare every variant x runtime; writes soak.json and soak.md in out_dir."""
     if stream not in ("random", "greedy") or steps < 1:
         raise ValueError(f"need stream 'random' or 'greedy' and steps >= 1, got {stream!r}, {steps}")
     out, total = Path(out_dir), prompt + steps
     gates = {rt: load_recipe(RECIPES[rt]).gates for rt in runtimes}
-    stream_tokens = torch.randint(0, SOAK_DIMS["vocab_size"], (total,), generator=torch.Generator().manual_seed(0))
+    stream_tokens = torch.randint(
+        0, SOAK_DIMS["vocab_size"], (total,), generator=torch.Generator().manual_seed(0)
+    )
     t_all, runs = time.perf_counter(), []
     torch.set_num_threads(1)
     for variant in variants:
         model = soak_model(variant, total)
         for rt in runtimes:
             t0 = time.perf_counter()
-            path = export(model, rt, out / "models" / variant.replace("=", "") / rt, total)
+            path = export(model, rt, out / "models" / variant_slug(variant) / rt, total)
             export_s = time.perf_counter() - t0
             run = decode_stream(one_thread_runner(rt, path), stream_tokens, prompt, greedy=stream == "greedy")
             with torch.no_grad():
                 ref = model(run["tokens"][None])[0].float()  # [total, vocab], full recompute
             cmp = compare(run["logits"], ref, gates[rt], prompt, window)
-            runs.append({"runtime": rt, "variant": variant, **cmp, "export_s": export_s,
-                         "prefill_s": run["prefill_s"], "decode_s": run["decode_s"],
-                         "decode_tok_s": steps / run["decode_s"],
-                         "distinct_last_window": len(set(run["tokens"][-window:].tolist()))})
-            progress(f"  {rt:4} {variant:11} max|dlogit| {cmp['max_abs_dlogit']:.2e} top-1 {cmp['top1']:.2%} "
-                     f"(flips {cmp['flips']}, near ties {cmp['near_ties']}) "
-                     f"last/first {_ratio(cmp)} {'passed' if cmp['passed'] else 'FAILED'} "
-                     f"(export {export_s:.0f} s, {steps / run['decode_s']:.0f} tok/s)")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, 1 thread",
-              "model": {**SOAK_DIMS, "init_std": INIT_STD}, "prompt": prompt, "steps": steps,
-              "window": window, "stream": stream,
-              "gates": {rt: {"recipe": RECIPES[rt], **vars(g)} for rt, g in gates.items()},
-              "runs": runs, "wall_s": time.perf_counter() - t_all, "passed": all(r["passed"] for r in runs)}
+            runs.append(
+                {
+                    "runtime": rt,
+                    "variant": variant,
+                    **cmp,
+                    "export_s": export_s,
+                    "prefill_s": run["prefill_s"],
+                    "decode_s": run["decode_s"],
+                    "decode_tok_s": steps / run["decode_s"],
+                    "distinct_last_window": len(set(run["tokens"][-window:].tolist())),
+                }
+            )
+            progress(
+                f"  {rt:4} {variant:11} max|dlogit| {cmp['max_abs_dlogit']:.2e} top-1 {cmp['top1']:.2%} "
+                f"(flips {cmp['flips']}, near ties {cmp['near_ties']}) "
+                f"last/first {_ratio(cmp)} {'passed' if cmp['passed'] else 'FAILED'} "
+                f"(export {export_s:.0f} s, {steps / run['decode_s']:.0f} tok/s)"
+            )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, 1 thread",
+        "model": {**SOAK_DIMS, "init_std": INIT_STD},
+        "prompt": prompt,
+        "steps": steps,
+        "window": window,
+        "stream": stream,
+        "gates": {rt: {"recipe": RECIPES[rt], **vars(g)} for rt, g in gates.items()},
+        "runs": runs,
+        "wall_s": time.perf_counter() - t_all,
+        "passed": all(r["passed"] for r in runs),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "soak.md").write_text(soak_markdown(result))
@@ -162,35 +211,60 @@ def run_soak(out_dir: str | Path, steps: int = 4096, variants: tuple[str, ...] =
 
 def soak_markdown(result: dict[str, Any]) -> str:
     m, runs = result["model"], result["runs"]
-    gate_text = "; ".join(f"{rt} ({g['recipe']}): max|dlogit| <= {g['max_rel_dlogit']:g} * max|logit| + "
-                          f"{g['abs_dlogit_floor']:g}, top-1 >= {g['min_top1']:.0%} where the reference's "
-                          f"top-2 margin > 2 * bound" for rt, g in result["gates"].items())
-    lines = [f"Decode soak: {result['prompt']}-token prefill + {result['steps']} single-token decode steps, "
-             f"{result['stream']} token stream, vs the eager full recompute; {m['n_layer']} layers, width "
-             f"{m['n_embd']}, {m['n_head']} heads, vocab {m['vocab_size']}, random weights (std {m['init_std']}); "
-             f"{result['machine']}; {result['date']}. Gate per window: {gate_text}.", "",
-             "| runtime | variant | max abs dlogit | max rel dlogit | top-1 (flips / near ties) | last / first window | result |",
-             "|---|---|---|---|---|---|---|"]
+    gate_text = "; ".join(
+        f"{rt} ({g['recipe']}): max|dlogit| <= {g['max_rel_dlogit']:g} * max|logit| + "
+        f"{g['abs_dlogit_floor']:g}, top-1 >= {g['min_top1']:.0%} where the reference's "
+        f"top-2 margin > 2 * bound"
+        for rt, g in result["gates"].items()
+    )
+    lines = [
+        f"Decode soak: {result['prompt']}-token prefill + {result['steps']} single-token decode steps, "
+        f"{result['stream']} token stream, vs the eager full recompute; {m['n_layer']} layers, width "
+        f"{m['n_embd']}, {m['n_head']} heads, vocab {m['vocab_size']}, random weights (std {m['init_std']}); "
+        f"{result['machine']}; {result['date']}. Gate per window: {gate_text}.",
+        "",
+        "| runtime | variant | max abs dlogit | max rel dlogit | top-1 (flips / near ties) | last "
+        "/ first window | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
-        lines.append(f"| {r['runtime']} | {r['variant']} | {r['max_abs_dlogit']:.2e} | {r['max_rel_dlogit']:.2e} | "
-                     f"{_top1(r)} | {_ratio(r)} | {'passed' if r['passed'] else 'FAILED'} |")
-    lines += ["", f"Per window (positions; the first row is the prefill, then {result['window']} decode steps each):", "",
-              "| runtime | variant | positions | max abs dlogit | / max abs logit | bound | top-1 (flips / near ties) | ok |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['runtime']} | {r['variant']} | {r['max_abs_dlogit']:.2e} | {r['max_rel_dlogit']:.2e} | "
+            f"{_top1(r)} | {_ratio(r)} | {'passed' if r['passed'] else 'FAILED'} |"
+        )
+    lines += [
+        "",
+        f"Per window (positions; the first row is the prefill, then {result['window']} decode steps each):",
+        "",
+        "| runtime | variant | positions | max abs dlogit | / max abs logit | bound | top-1 (flips "
+        "/ near ties) | ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for w in r["windows"]:
-            lines.append(f"| {r['runtime']} | {r['variant']} | {w['start']}-{w['end'] - 1} | {w['max_abs_dlogit']:.2e} | "
-                         f"{w['rel_dlogit']:.2e} | {w['bound']:.2e} | {_top1(w)} | {'yes' if w['passed'] else 'NO'} |")
+            lines.append(
+                f"| {r['runtime']} | {r['variant']} | {w['start']}-{w['end'] - 1} | "
+                f"{w['max_abs_dlogit']:.2e} | "
+                f"{w['rel_dlogit']:.2e} | {w['bound']:.2e} | {_top1(w)} | {'yes' if w['passed'] else 'NO'} |"
+            )
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    lines += ["", f"| runtime | export s | prefill + decode s | decode tok/s, all | {' | '.join(v + ' tok/s' for v in variants)} |",
-              "|---" * (4 + len(variants)) + "|"]
+    lines += [
+        "",
+        "| runtime | export s | prefill + decode s | decode tok/s, all | "
+        + " | ".join(v + " tok/s" for v in variants)
+        + " |",
+        "|---" * (4 + len(variants)) + "|",
+    ]
     for rt in dict.fromkeys(r["runtime"] for r in runs):
         mine = [r for r in runs if r["runtime"] == rt]
         decode_s = sum(r["decode_s"] for r in mine)
-        lines.append(f"| {rt} | {sum(r['export_s'] for r in mine):.1f} | "
-                     f"{sum(r['prefill_s'] for r in mine) + decode_s:.1f} | "
-                     f"{result['steps'] * len(mine) / decode_s:.0f} | "
-                     + " | ".join(f"{r['decode_tok_s']:.0f}" for r in mine) + " |")
+        lines.append(
+            f"| {rt} | {sum(r['export_s'] for r in mine):.1f} | "
+            f"{sum(r['prefill_s'] for r in mine) + decode_s:.1f} | "
+            f"{result['steps'] * len(mine) / decode_s:.0f} | "
+            + " | ".join(f"{r['decode_tok_s']:.0f}" for r in mine)
+            + " |"
+        )
     lines += ["", f"Wall time {result['wall_s']:.0f} s; {'PASSED' if result['passed'] else 'FAILED'}.", ""]
     return "\n".join(lines)
 

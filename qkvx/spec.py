@@ -1,12 +1,14 @@
 """ModelSpec: the one description of an architecture, and the cache arithmetic.
 
-Every stage (load, rewrite, export, budget, tests) reads a ModelSpec; nothing re-derives the
+Every stage (load, decode form, export, budget, tests) reads a ModelSpec; nothing re-derives the
 architecture from weights twice. This module needs no torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +29,21 @@ INT8_SCALE_BYTES = 4
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's two scales (GPT-2 style: learned positions, LayerNorm, GELU, biases, tied).
-    "paper-300m": dict(n_layer=20, n_embd=1024, n_head=16, n_inner=4096, max_positions=2048,
-                       vocab_size=50304),
-    "paper-1.2b": dict(n_layer=22, n_embd=2048, n_head=32, n_inner=8192, max_positions=2048,
-                       vocab_size=50304),
+    "paper-300m": dict(
+        n_layer=20, n_embd=1024, n_head=16, n_inner=4096, max_positions=2048, vocab_size=50304
+    ),
+    "paper-1.2b": dict(
+        n_layer=22, n_embd=2048, n_head=32, n_inner=8192, max_positions=2048, vocab_size=50304
+    ),
 }
+# Model families: the spec fields that make one (everything else is a size or a choice such as tied
+# embeddings). GPT: the paper's GPT-2 semantics; Llama: RoPE, RMSNorm, SwiGLU with an inner width of
+# ~8/3 C (rounded up to a multiple of 32, so the MLP costs what GELU's 4 C does), no biases.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt": dict(positions="learned", norm="layernorm", mlp="gelu", bias=True),
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+}
+BYTE_VOCAB = 256  # qkvx-trained models: a token is a byte
 # Group count used for "GQA" / "Q-GQA" without an explicit -g suffix.
 DEFAULT_GQA_GROUPS = 4
 
@@ -82,16 +94,22 @@ class ModelSpec:
         for name in ("n_kv_head", "head_dim", "n_inner"):
             _positive_int(name, getattr(self, name))
         if self.n_head % self.n_kv_head:
-            raise QkvxError(f"ModelSpec.n_kv_head: {self.n_kv_head} kv heads do not divide n_head={self.n_head}")
+            raise QkvxError(
+                f"ModelSpec.n_kv_head: {self.n_kv_head} kv heads do not divide n_head={self.n_head}"
+            )
         _choice("sharing", self.sharing, SHARINGS)
         _choice("positions", self.positions, POSITIONS)
         _choice("norm", self.norm, NORMS)
         _choice("mlp", self.mlp, MLPS)
         if self.sharing in ("qk-v", "q=k=v") and self.n_kv_head != self.n_head:
-            raise QkvxError(f"ModelSpec.n_kv_head: sharing {self.sharing!r} makes q = k, so it needs "
-                            f"n_kv_head == n_head ({self.n_head}), got {self.n_kv_head}")
+            raise QkvxError(
+                f"ModelSpec.n_kv_head: sharing {self.sharing!r} makes q = k, so it needs "
+                f"n_kv_head == n_head ({self.n_head}), got {self.n_kv_head}"
+            )
         if self.positions == "rope" and self.head_dim % 2:
-            raise QkvxError(f"ModelSpec.head_dim: rotary positions need an even head_dim, got {self.head_dim}")
+            raise QkvxError(
+                f"ModelSpec.head_dim: rotary positions need an even head_dim, got {self.head_dim}"
+            )
         if not (self.norm_eps > 0 and self.rope_theta > 0):
             raise QkvxError("ModelSpec.norm_eps / rope_theta: must be positive")
 
@@ -131,6 +149,34 @@ class ModelSpec:
             return prefix + "MQA"
         return f"{prefix}GQA-{self.n_kv_head}"
 
+    @property
+    def byte_level(self) -> bool:
+        """A byte-level model (qkvx's trainer): its tokens are UTF-8 bytes, its text the pydoc corpus."""
+        return self.vocab_size == BYTE_VOCAB
+
+    @property
+    def family(self) -> str | None:
+        """The FAMILIES entry whose fields this spec has, else None (a mix, e.g. GPT-2's tanh GELU)."""
+        return next(
+            (
+                name
+                for name, fields in FAMILIES.items()
+                if all(getattr(self, k) == v for k, v in fields.items())
+            ),
+            None,
+        )
+
+    @classmethod
+    def for_family(cls, family: str, variant: str, **fields: Any) -> "ModelSpec":
+        """A `variant` spec of `family` (FAMILIES) with the given sizes; Llama's n_inner defaults to
+        ~8/3 n_embd. Fields given override the family's."""
+        if family not in FAMILIES:
+            raise QkvxError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        base = dict(FAMILIES[family])
+        if family == "llama" and "n_inner" not in fields and "n_embd" in fields:
+            base["n_inner"] = 32 * math.ceil(8 * fields["n_embd"] / 3 / 32)
+        return cls.from_paper_name(variant, **{**base, **fields})
+
     @classmethod
     def from_paper_name(cls, name: str, preset: str | None = None, **overrides: Any) -> "ModelSpec":
         """Build a spec from a paper variant name (QKV, Q=K-V, Q-K=V, Q=K=V, GQA-g, MQA, Q-GQA-g,
@@ -159,8 +205,9 @@ class ModelSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise QkvxError(f"{source}: unknown ModelSpec key(s) {', '.join(unknown)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in data and f.default is dataclasses.MISSING)
+        missing = sorted(
+            f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
+        )
         if missing:
             raise QkvxError(f"{source}: missing ModelSpec key(s) {', '.join(missing)}")
         return cls(**data)
@@ -173,7 +220,9 @@ class ModelSpec:
         """Parameters as stored (tied embeddings counted once)."""
         C = self.n_embd
         b = 1 if self.bias else 0
-        proj_out = (self.q_dim if self.has_q_proj else 0) + self.kv_dim + (self.kv_dim if self.has_v_proj else 0)
+        proj_out = (
+            (self.q_dim if self.has_q_proj else 0) + self.kv_dim + (self.kv_dim if self.has_v_proj else 0)
+        )
         attn = proj_out * (C + b) + (self.q_dim + b) * C
         n_mlp_in = 2 if self.mlp == "swiglu" else 1
         mlp = n_mlp_in * self.n_inner * (C + b) + (self.n_inner + b) * C
@@ -242,14 +291,20 @@ def canonical_variant(name: str) -> str:
 
 def _sharing_from_paper_name(name: str, n_head: int) -> dict[str, Any]:
     name = canonical_variant(name)
-    simple = {"QKV": ("qkv", n_head), "Q=K-V": ("qk-v", n_head), "Q-K=V": ("q-kv", n_head),
-              "Q=K=V": ("q=k=v", n_head)}
+    simple = {
+        "QKV": ("qkv", n_head),
+        "Q=K-V": ("qk-v", n_head),
+        "Q-K=V": ("q-kv", n_head),
+        "Q=K=V": ("q=k=v", n_head),
+    }
     if name in simple:
         sharing, kv = simple[name]
         return {"sharing": sharing, "n_kv_head": kv}
     m = _PAPER_NAME.match(name)
     if not m:
-        raise QkvxError(f"unknown variant {name!r}; known: {', '.join(PAPER_NAMES)} (GQA-g / Q-GQA-g for any g)")
+        raise QkvxError(
+            f"unknown variant {name!r}; known: {', '.join(PAPER_NAMES)} (GQA-g / Q-GQA-g for any g)"
+        )
     shared, kind, groups = m.groups()
     if kind == "MQA":
         if groups:

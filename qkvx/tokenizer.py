@@ -5,6 +5,7 @@ Every export writes `tokenizer.json` beside its artifact: ExecuTorch's LLM runne
 (pytorch_tokenizers), and `generate`, `eval` and `validate --text` tokenize through it, so the
 text a user types is encoded the same way on every runtime.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         try:
             backend = Backend.from_file(str(file))
         except Exception as e:  # the Rust library raises its own exception type
-            raise QkvxError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+            raise QkvxError(
+                f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0][:160]})"
+            ) from None
     else:
         backend = _from_transformers(p)
     config = p / "tokenizer_config.json" if p.is_dir() else p.with_name("tokenizer_config.json")
@@ -81,11 +84,15 @@ def _from_transformers(folder: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise QkvxError(f"{folder}: no {TOKENIZER_FILE} and no tokenizer transformers can read "
-                        f"({str(e).splitlines()[0][:160]})") from None
+        raise QkvxError(
+            f"{folder}: no {TOKENIZER_FILE} and no tokenizer transformers can read "
+            f"({str(e).splitlines()[0][:160]})"
+        ) from None
     if not getattr(tok, "is_fast", False):
-        raise QkvxError(f"{folder}: transformers reads only a slow tokenizer here; save it with "
-                        f"tokenizer.save_pretrained() to get a {TOKENIZER_FILE}")
+        raise QkvxError(
+            f"{folder}: transformers reads only a slow tokenizer here; save it with "
+            f"tokenizer.save_pretrained() to get a {TOKENIZER_FILE}"
+        )
     return tok.backend_tokenizer
 
 
@@ -107,13 +114,19 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int, model: str) -> None:
     """A model may have more embedding rows than the tokenizer has ids (padded, e.g. 50304 for
     GPT-2's 50257), never fewer."""
     if tokenizer.vocab_size > vocab_size:
-        raise QkvxError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} ids, more than the "
-                        f"{vocab_size} rows of {model}'s vocabulary")
+        raise QkvxError(
+            f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} ids, more than the "
+            f"{vocab_size} rows of {model}'s vocabulary"
+        )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-unicode map (what ByteLevel pre-tokenizers use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -121,7 +134,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=False)}
 
 
 def byte_tokenizer_json() -> str:
@@ -129,10 +142,27 @@ def byte_tokenizer_json() -> str:
     ExecuTorch's stock runner."""
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
-    return json.dumps({
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "vocab": vocab, "merges": []},
-    }, ensure_ascii=False)
+    return json.dumps(
+        {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [],
+            "normalizer": None,
+            "pre_tokenizer": byte_level,
+            "post_processor": None,
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "vocab": vocab,
+                "merges": [],
+            },
+        },
+        ensure_ascii=False,
+    )

@@ -1,8 +1,20 @@
 """Shared fixtures: a small model trained in the test session (quality checks need trained weights)."""
+
 import pytest
 
-SMALL = dict(n_layer=2, n_embd=64, n_head=4, max_positions=256, steps=150, batch_size=16, seq_len=64,
-             lr=3e-3, warmup=15, threads=1, quiet=True)
+SMALL = dict(
+    n_layer=2,
+    n_embd=64,
+    n_head=4,
+    max_positions=256,
+    steps=150,
+    batch_size=16,
+    seq_len=64,
+    lr=3e-3,
+    warmup=15,
+    threads=1,
+    quiet=True,
+)
 
 
 @pytest.fixture(scope="session")

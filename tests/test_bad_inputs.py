@@ -1,5 +1,6 @@
 """A corpus of bad inputs: each is one line on stderr naming what is wrong, exit code 2, no
 traceback, and nothing left in the output location."""
+
 import json
 import pickle
 import shutil
@@ -31,7 +32,9 @@ class _Payload:
 def world(tmp_path_factory):
     """A tiny native model, its .pte and .onnx exports, and a paper-format checkpoint."""
     d = tmp_path_factory.mktemp("bad")
-    spec = qkvx.ModelSpec.from_paper_name("Q-K=V", n_layer=1, n_embd=32, n_head=4, vocab_size=256, max_positions=48)
+    spec = qkvx.ModelSpec.from_paper_name(
+        "Q-K=V", n_layer=1, n_embd=32, n_head=4, vocab_size=256, max_positions=48
+    )
     model = Transformer(spec).init_weights(0, std=0.1)
     native = qkvx.save(model, d / "native")
     export(native, "pte-fp32", d / "pte", validate=False)
@@ -40,16 +43,36 @@ def world(tmp_path_factory):
     for i, b in enumerate(model.blocks):
         h = f"h.{i}."
         a = b.attn
-        state.update({h + "ln_1.weight": b.norm1.weight, h + "ln_1.bias": b.norm1.bias,
-                      h + "attn.c_q.weight": a.q_proj.weight, h + "attn.c_q.bias": a.q_proj.bias,
-                      h + "attn.c_k.weight": a.k_proj.weight, h + "attn.c_k.bias": a.k_proj.bias,
-                      h + "attn.c_proj.weight": a.o_proj.weight, h + "attn.c_proj.bias": a.o_proj.bias,
-                      h + "ln_2.weight": b.norm2.weight, h + "ln_2.bias": b.norm2.bias,
-                      h + "mlp.c_fc.weight": b.mlp.fc.weight, h + "mlp.c_fc.bias": b.mlp.fc.bias,
-                      h + "mlp.c_proj.weight": b.mlp.proj.weight, h + "mlp.c_proj.bias": b.mlp.proj.bias})
+        state.update(
+            {
+                h + "ln_1.weight": b.norm1.weight,
+                h + "ln_1.bias": b.norm1.bias,
+                h + "attn.c_q.weight": a.q_proj.weight,
+                h + "attn.c_q.bias": a.q_proj.bias,
+                h + "attn.c_k.weight": a.k_proj.weight,
+                h + "attn.c_k.bias": a.k_proj.bias,
+                h + "attn.c_proj.weight": a.o_proj.weight,
+                h + "attn.c_proj.bias": a.o_proj.bias,
+                h + "ln_2.weight": b.norm2.weight,
+                h + "ln_2.bias": b.norm2.bias,
+                h + "mlp.c_fc.weight": b.mlp.fc.weight,
+                h + "mlp.c_fc.bias": b.mlp.fc.bias,
+                h + "mlp.c_proj.weight": b.mlp.proj.weight,
+                h + "mlp.c_proj.bias": b.mlp.proj.bias,
+            }
+        )
     state.update({"ln_f.weight": model.norm_f.weight, "ln_f.bias": model.norm_f.bias})
-    config = dict(vocab_size=256, n_positions=48, n_layer=1, n_embd=32, n_head=4, n_inner=128,
-                  layer_norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)
+    config = dict(
+        vocab_size=256,
+        n_positions=48,
+        n_layer=1,
+        n_embd=32,
+        n_head=4,
+        n_inner=128,
+        layer_norm_epsilon=1e-5,
+        use_bias=True,
+        tie_word_embeddings=True,
+    )
     state = {k: v.detach().clone() for k, v in state.items()}
     torch.save({"model_state_dict": state, "model_config": config}, d / "paper.pt")
     return d
@@ -85,10 +108,13 @@ def _yaml(tmp, text):
 
 GOOD_RECIPE = "format: pte\nbackend: xnnpack\n"
 GOOD_DEVICE = (
-    'device = "x"\nkind = "sbc"\nsoc = "x"\ncpu_cores = 4\ncpu_core_types = "4x A76"\nisa_features = ["neon"]\n'
-    'ram_bytes = 8000000000\napp_budget_bytes = 6000000000\nmem_bandwidth_bytes_per_s = 1.7e10\n'
-    'mem_bandwidth_kind = "theoretical"\nbackends = ["xnnpack"]\n[sources]\ncpu_cores = "s"\nram_bytes = "s"\n'
-    'app_budget_bytes = "s"\nmem_bandwidth_bytes_per_s = "s"\n')
+    'device = "x"\nkind = "sbc"\nsoc = "x"\ncpu_cores = 4\ncpu_core_types = "4x A76"\nisa_features '
+    '= ["neon"]\n'
+    "ram_bytes = 8000000000\napp_budget_bytes = 6000000000\nmem_bandwidth_bytes_per_s = 1.7e10\n"
+    'mem_bandwidth_kind = "theoretical"\nbackends = ["xnnpack"]\n[sources]\ncpu_cores = '
+    '"s"\nram_bytes = "s"\n'
+    'app_budget_bytes = "s"\nmem_bandwidth_bytes_per_s = "s"\n'
+)
 
 
 def _pte_corrupt(world, tmp):
@@ -124,25 +150,129 @@ CASES = [
     ("truncated-pt", lambda w, t: ["inspect", _trunc(w / "paper.pt", t / "trunc.pt")], "trunc.pt"),
     ("truncated-safetensors", lambda w, t: ["inspect", _trunc_st(w, t)], "safetensors"),
     ("zero-byte", lambda w, t: ["inspect", _write(t / "zero.pt", b"")], "zero.pt"),
-    ("unexpected-key", lambda w, t: ["inspect", _paper(w, t, lambda s: s.update({"h.0.mlp.c_gate.weight": torch.zeros(32, 32)}))], "h.0.mlp.c_gate.weight"),
-    ("missing-key", lambda w, t: ["inspect", _paper(w, t, lambda s: s.pop("h.0.mlp.c_fc.weight"))], "missing"),
-    ("shape-mismatch", lambda w, t: ["inspect", _paper(w, t, lambda s: s.update({"h.0.mlp.c_fc.weight": torch.zeros(100, 32)}))], "c_fc.weight"),
-    ("nan-weights", lambda w, t: ["inspect", _native_with(w, t, "blocks.0.mlp.fc.weight", torch.full((128, 32), float("nan")))], "NaN"),
-    ("inf-weights", lambda w, t: ["inspect", _native_with(w, t, "blocks.0.mlp.fc.bias", torch.full((128,), float("inf")))], "Inf"),
-    ("config-contradicts-weights", lambda w, t: ["inspect", _paper(w, t, edit_config=lambda c: c.update(n_embd=64))], "p.pt"),
-    ("kv-groups-not-dividing", lambda w, t: ["inspect", _paper(w, t, edit_config=lambda c: c.update(n_kv_groups=3))], "3"),
-    ("unknown-variant", lambda w, t: ["train", "--variant", "Q-K=W", "--out", t / "o", "--steps", "1"], "unknown variant"),
-    ("unknown-recipe", lambda w, t: ["export", w / "native", "--recipe", "pte-fp64", "--out", t / "o"], "unknown recipe"),
-    ("recipe-unknown-key", lambda w, t: ["export", w / "native", "--recipe", _yaml(t, GOOD_RECIPE + "turbo: true\n"), "--out", t / "o"], "turbo"),
-    ("recipe-wrong-type", lambda w, t: ["export", w / "native", "--recipe", _yaml(t, GOOD_RECIPE + "prefill_chunk: many\n"), "--out", t / "o"], "prefill_chunk"),
+    (
+        "unexpected-key",
+        lambda w, t: [
+            "inspect",
+            _paper(w, t, lambda s: s.update({"h.0.mlp.c_gate.weight": torch.zeros(32, 32)})),
+        ],
+        "h.0.mlp.c_gate.weight",
+    ),
+    (
+        "missing-key",
+        lambda w, t: ["inspect", _paper(w, t, lambda s: s.pop("h.0.mlp.c_fc.weight"))],
+        "missing",
+    ),
+    (
+        "shape-mismatch",
+        lambda w, t: [
+            "inspect",
+            _paper(w, t, lambda s: s.update({"h.0.mlp.c_fc.weight": torch.zeros(100, 32)})),
+        ],
+        "c_fc.weight",
+    ),
+    (
+        "nan-weights",
+        lambda w, t: [
+            "inspect",
+            _native_with(w, t, "blocks.0.mlp.fc.weight", torch.full((128, 32), float("nan"))),
+        ],
+        "NaN",
+    ),
+    (
+        "inf-weights",
+        lambda w, t: [
+            "inspect",
+            _native_with(w, t, "blocks.0.mlp.fc.bias", torch.full((128,), float("inf"))),
+        ],
+        "Inf",
+    ),
+    (
+        "config-contradicts-weights",
+        lambda w, t: ["inspect", _paper(w, t, edit_config=lambda c: c.update(n_embd=64))],
+        "p.pt",
+    ),
+    (
+        "kv-groups-not-dividing",
+        lambda w, t: ["inspect", _paper(w, t, edit_config=lambda c: c.update(n_kv_groups=3))],
+        "3",
+    ),
+    (
+        "unknown-variant",
+        lambda w, t: ["train", "--variant", "Q-K=W", "--out", t / "o", "--steps", "1"],
+        "unknown variant",
+    ),
+    (
+        "unknown-recipe",
+        lambda w, t: ["export", w / "native", "--recipe", "pte-fp64", "--out", t / "o"],
+        "unknown recipe",
+    ),
+    (
+        "recipe-unknown-key",
+        lambda w, t: [
+            "export",
+            w / "native",
+            "--recipe",
+            _yaml(t, GOOD_RECIPE + "turbo: true\n"),
+            "--out",
+            t / "o",
+        ],
+        "turbo",
+    ),
+    (
+        "recipe-wrong-type",
+        lambda w, t: [
+            "export",
+            w / "native",
+            "--recipe",
+            _yaml(t, GOOD_RECIPE + "prefill_chunk: many\n"),
+            "--out",
+            t / "o",
+        ],
+        "prefill_chunk",
+    ),
     ("unknown-device", lambda w, t: ["budget", w / "native", "-d", "nokia-3310"], "unknown device"),
-    ("device-missing-key", lambda w, t: ["budget", w / "native", "-d", _write(t / "d.toml", GOOD_DEVICE.replace('soc = "x"\n', "").encode())], "soc"),
-    ("max-seq-len-above-positions", lambda w, t: ["export", w / "native", "--recipe", "pte-fp32", "--max-seq-len", "4096", "--out", t / "o"], "max_positions"),
+    (
+        "device-missing-key",
+        lambda w, t: [
+            "budget",
+            w / "native",
+            "-d",
+            _write(t / "d.toml", GOOD_DEVICE.replace('soc = "x"\n', "").encode()),
+        ],
+        "soc",
+    ),
+    (
+        "max-seq-len-above-positions",
+        lambda w, t: [
+            "export",
+            w / "native",
+            "--recipe",
+            "pte-fp32",
+            "--max-seq-len",
+            "4096",
+            "--out",
+            t / "o",
+        ],
+        "max_positions",
+    ),
     ("context-zero", lambda w, t: ["budget", w / "native", "--context", "0"], "--context"),
     ("context-negative", lambda w, t: ["budget", w / "native", "--context", "-5"], "--context"),
-    ("output-is-a-file", lambda w, t: ["export", w / "native", "--recipe", "pte-fp32", "--out", _write(t / "f", b"x")], "not a directory"),
-    ("unwritable-output", lambda w, t: ["export", w / "native", "--recipe", "onnx-fp32", "--out", "/proc/qkvx-out/x"], "/proc"),
-    ("existing-output-no-force", lambda w, t: ["export", w / "native", "--recipe", "pte-fp32", "--out", _existing(t)], "--force"),
+    (
+        "output-is-a-file",
+        lambda w, t: ["export", w / "native", "--recipe", "pte-fp32", "--out", _write(t / "f", b"x")],
+        "not a directory",
+    ),
+    (
+        "unwritable-output",
+        lambda w, t: ["export", w / "native", "--recipe", "onnx-fp32", "--out", "/proc/qkvx-out/x"],
+        "/proc",
+    ),
+    (
+        "existing-output-no-force",
+        lambda w, t: ["export", w / "native", "--recipe", "pte-fp32", "--out", _existing(t)],
+        "--force",
+    ),
     ("corrupt-pte", lambda w, t: ["generate", _pte_corrupt(w, t), "--prompt", "hi"], "model.pte"),
     ("corrupt-onnx", lambda w, t: ["generate", _onnx_corrupt(w, t), "--prompt", "hi"], "model.onnx"),
     ("manifest-hash-mismatch", lambda w, t: ["validate", _hash_mismatch(w, t)], "sha256"),
@@ -185,9 +315,15 @@ def test_bad_input(world, tmp_path, case, argv, expect):
 
 def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / MARKER
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model_state_dict": _Payload(str(marker)), "model_config": {}}))
-    r = subprocess.run([sys.executable, "-m", "qkvx", "inspect", str(tmp_path / "evil.pt")],
-                       capture_output=True, text=True, timeout=300)
+    (tmp_path / "evil.pt").write_bytes(
+        pickle.dumps({"model_state_dict": _Payload(str(marker)), "model_config": {}})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "qkvx", "inspect", str(tmp_path / "evil.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not marker.exists()
     pickle.loads((tmp_path / "evil.pt").read_bytes())  # the payload is real: unsafe loading runs it

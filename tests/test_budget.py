@@ -1,4 +1,5 @@
 """Memory-budget reports: the paper's cache column, the fit arithmetic, and the renderings."""
+
 import json
 import subprocess
 import sys
@@ -13,12 +14,38 @@ QKV_32K_FP16 = 2_684_354_560
 
 
 def test_cli_reproduces_the_paper_cache_column():
-    r = subprocess.run([sys.executable, "-m", "qkvx", "budget", "--preset", "paper-300m", "--compare",
-                        "--context", "32768", "--cache-dtype", "fp16", "--json"],
-                       capture_output=True, text=True, check=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkvx",
+            "budget",
+            "--preset",
+            "paper-300m",
+            "--compare",
+            "--context",
+            "32768",
+            "--cache-dtype",
+            "fp16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     rows = json.loads(r.stdout)
-    assert {"variant", "device", "context", "weights_bytes", "kv_cache_bytes", "total_bytes", "budget_bytes",
-            "fits", "max_context"} <= set(rows[0])
+    assert {
+        "variant",
+        "device",
+        "context",
+        "weights_bytes",
+        "kv_cache_bytes",
+        "total_bytes",
+        "budget_bytes",
+        "fits",
+        "max_context",
+    } <= set(rows[0])
     kv = {}
     for row in rows:
         kv.setdefault(row["variant"], set()).add(row["kv_cache_bytes"])
@@ -36,7 +63,9 @@ def test_fit_arithmetic_is_consistent():
     spec = ModelSpec.from_paper_name("Q-K=V", preset="paper-300m")
     dev = load_device("redmi-13c")
     row = budget_row(spec, dev, 1024, cache_dtype="fp16")
-    assert row.total_bytes == row.weights_bytes + row.kv_cache_bytes + row.activation_bytes + row.runtime_bytes
+    assert (
+        row.total_bytes == row.weights_bytes + row.kv_cache_bytes + row.activation_bytes + row.runtime_bytes
+    )
     assert row.kv_cache_bytes == cache_layout(spec, "fp16").bytes_at(1024)
     assert row.fits == (row.total_bytes <= dev.app_budget_bytes)
     m = row.max_context_memory
@@ -44,7 +73,8 @@ def test_fit_arithmetic_is_consistent():
     assert budget_row(spec, dev, m + 1, cache_dtype="fp16").total_bytes > dev.app_budget_bytes
     assert row.max_context == min(m, spec.max_positions)
     assert row.decode_tokens_per_s_ceiling == pytest.approx(
-        dev.mem_bandwidth_bytes_per_s / (row.weights_bytes + row.kv_cache_bytes))
+        dev.mem_bandwidth_bytes_per_s / (row.weights_bytes + row.kv_cache_bytes)
+    )
 
 
 def test_kv_sharing_fits_twice_the_context_when_cache_dominates():
@@ -66,17 +96,43 @@ def test_weight_bytes_schemes():
 
 def test_markdown_and_png(tmp_path):
     out = tmp_path / "budget.png"
-    r = subprocess.run([sys.executable, "-m", "qkvx", "budget", "--preset", "paper-300m", "--variant", "Q-K=V",
-                        "-d", "pixel-9", "--context", "1024,4096", "--markdown", "--plot", str(out)],
-                       capture_output=True, text=True, check=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkvx",
+            "budget",
+            "--preset",
+            "paper-300m",
+            "--variant",
+            "Q-K=V",
+            "-d",
+            "pixel-9",
+            "--context",
+            "1024,4096",
+            "--markdown",
+            "--plot",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     assert "| Q-K=V | pixel-9 | 1,024 |" in r.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("args,msg", [(["--context", "0"], "--context"), (["-d", "nokia-3310"], "unknown device")])
+@pytest.mark.parametrize(
+    "args,msg", [(["--context", "0"], "--context"), (["-d", "nokia-3310"], "unknown device")]
+)
 def test_bad_budget_input(args, msg):
-    r = subprocess.run([sys.executable, "-m", "qkvx", "budget", "--preset", "paper-300m", "--variant", "QKV", *args],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "qkvx", "budget", "--preset", "paper-300m", "--variant", "QKV", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
@@ -89,7 +145,9 @@ def test_estimate_matches_measured_peak_rss(tmp_path, recipe):
     from qkvx.budget_measure import measure_artifact
     from qkvx.models.transformer import Transformer
 
-    spec = ModelSpec.from_paper_name("Q-K=V", n_layer=2, n_embd=256, n_head=4, vocab_size=256, max_positions=256)
+    spec = ModelSpec.from_paper_name(
+        "Q-K=V", n_layer=2, n_embd=256, n_head=4, vocab_size=256, max_positions=256
+    )
     qkvx.save(Transformer(spec).init_weights(0), tmp_path / "model")
     export(tmp_path / "model", recipe, tmp_path / "out", validate=False)
     (row,) = measure_artifact(tmp_path / "out", [128])

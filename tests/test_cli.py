@@ -1,4 +1,5 @@
 """The console script: JSON output, --help on every command, one-line errors with exit code 2."""
+
 import json
 import os
 import subprocess
@@ -19,7 +20,9 @@ def run(*args, check=False):
 
 @pytest.fixture(scope="module")
 def qkv_native(tmp_path_factory):
-    spec = qkvx.ModelSpec.from_paper_name("Q-MQA", n_layer=2, n_embd=32, n_head=4, vocab_size=64, max_positions=32)
+    spec = qkvx.ModelSpec.from_paper_name(
+        "Q-MQA", n_layer=2, n_embd=32, n_head=4, vocab_size=64, max_positions=32
+    )
     return qkvx.save(Transformer(spec).init_weights(0), tmp_path_factory.mktemp("m") / "model")
 
 
@@ -50,12 +53,15 @@ def _write(path, data):
     return path
 
 
-@pytest.mark.parametrize("make_bad,expect", [
-    (lambda d: d / "missing.pt", "no such file"),
-    (lambda d: _write(d / "empty.pt", b""), "empty.pt"),
-    (lambda d: _write(d / "junk.pt", b"not a checkpoint at all"), "junk.pt"),
-    (lambda d: (d / "dir").mkdir() or d / "dir", "not a model"),
-])
+@pytest.mark.parametrize(
+    "make_bad,expect",
+    [
+        (lambda d: d / "missing.pt", "no such file"),
+        (lambda d: _write(d / "empty.pt", b""), "empty.pt"),
+        (lambda d: _write(d / "junk.pt", b"not a checkpoint at all"), "junk.pt"),
+        (lambda d: (d / "dir").mkdir() or d / "dir", "not a model"),
+    ],
+)
 def test_bad_input_one_line_exit_2(tmp_path, make_bad, expect):
     r = run("inspect", make_bad(tmp_path))
     assert r.returncode == 2
@@ -65,8 +71,9 @@ def test_bad_input_one_line_exit_2(tmp_path, make_bad, expect):
 
 
 def test_bad_native_weights_name_the_tensor(tmp_path, qkv_native):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "bad"
     shutil.copytree(qkv_native, bad)
@@ -77,10 +84,18 @@ def test_bad_native_weights_name_the_tensor(tmp_path, qkv_native):
     assert r.returncode == 2 and "blocks.0.attn.k_proj.weight" in r.stderr and "[3, 3]" in r.stderr
 
 
-@pytest.mark.parametrize("args", [("devices",), ("budget", "--preset", "paper-300m", "--compare", "-c", "2048,32768"),
-                                  ("budget", "--preset", "paper-1.2b", "--variant", "Q-GQA-8", "-d", "pixel-9")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("devices",),
+        ("budget", "--preset", "paper-300m", "--compare", "-c", "2048,32768"),
+        ("budget", "--preset", "paper-1.2b", "--variant", "Q-GQA-8", "-d", "pixel-9"),
+    ],
+)
 def test_tables_readable_in_an_80_column_log(args, fits_80):
-    r = subprocess.run([*QKVX, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    r = subprocess.run(
+        [*QKVX, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"}
+    )
     assert r.returncode == 0, r.stderr
     fits_80(r.stdout)
 
@@ -88,10 +103,24 @@ def test_tables_readable_in_an_80_column_log(args, fits_80):
 def test_inspect_release_checkpoint_in_80_columns(tmp_path, fits_80):
     from qkvx.bench.release import write_checkpoint
 
-    path = write_checkpoint(tmp_path / "final_model.pt", "Q≠K=V", kind="final", n_layer=2, n_embd=32, n_head=4,
-                            n_inner=128, vocab_size=64, n_positions=32)
-    r = subprocess.run([*QKVX, "inspect", str(path)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "COLUMNS": "80"})
+    path = write_checkpoint(
+        tmp_path / "final_model.pt",
+        "Q≠K=V",
+        kind="final",
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_inner=128,
+        vocab_size=64,
+        n_positions=32,
+    )
+    r = subprocess.run(
+        [*QKVX, "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "80"},
+    )
     assert r.returncode == 0, r.stderr
     fits_80(r.stdout)
     assert "Q-K=V" in r.stdout and "val perplexity" in r.stdout and "21.28" in r.stdout
@@ -102,13 +131,18 @@ def test_inspect_release_checkpoint_in_80_columns(tmp_path, fits_80):
 def test_ignore_config_key_flag(tmp_path):
     from qkvx.bench.release import write_checkpoint
 
-    path = write_checkpoint(tmp_path / "c.pt", "Q-MQA", n_layer=2, n_embd=32, n_head=4, n_inner=128,
-                            vocab_size=64, n_positions=32)
+    path = write_checkpoint(
+        tmp_path / "c.pt", "Q-MQA", n_layer=2, n_embd=32, n_head=4, n_inner=128, vocab_size=64, n_positions=32
+    )
     obj = torch.load(path, weights_only=True)
     obj["model_config"]["use_liger_kernels"] = True
     torch.save(obj, path)
     r = run("inspect", path)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ignore-config-key use_liger_kernels" in r.stderr
+    assert (
+        r.returncode == 2
+        and r.stderr.count("\n") == 1
+        and "--ignore-config-key use_liger_kernels" in r.stderr
+    )
     r = run("inspect", path, "--ignore-config-key", "use_liger_kernels", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["meta"]["ignored_config_keys"] == ["use_liger_kernels"]

@@ -1,5 +1,6 @@
 """Device profiles (devices/*.toml): shipped profiles are complete and sourced; bad files are rejected
 with the file and the key named; the host profile is measured."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,16 @@ import time
 
 import pytest
 
-from qkvx.devices import (DEVICE_DIR, DeviceProfile, device_names, list_devices, load_device,
-                          measure_bandwidth, measure_host, numeric_fields)
+from qkvx.devices import (
+    DEVICE_DIR,
+    DeviceProfile,
+    device_names,
+    list_devices,
+    load_device,
+    measure_bandwidth,
+    measure_host,
+    numeric_fields,
+)
 from qkvx.errors import QkvxError
 
 GIB = 2**30
@@ -49,8 +58,12 @@ def test_at_least_eight_real_devices_spanning_the_market(real):
 
 
 def test_every_number_has_a_source(profiles):
-    assert set(numeric_fields()) == {"cpu_cores", "ram_bytes", "app_budget_bytes",
-                                     "mem_bandwidth_bytes_per_s"}
+    assert set(numeric_fields()) == {
+        "cpu_cores",
+        "ram_bytes",
+        "app_budget_bytes",
+        "mem_bandwidth_bytes_per_s",
+    }
     for p in profiles:
         for key in numeric_fields():
             line = p.sources.get(key, "")
@@ -78,7 +91,9 @@ def test_qemu_cpu_models_exist_in_this_machines_qemu(real):
     out = subprocess.run([exe, "-cpu", "help"], capture_output=True, text=True, timeout=30).stdout
     models = {line.split()[0] for line in out.splitlines()[1:] if line.strip()}
     for p in real:
-        assert p.qemu_cpu.split(",")[0] in models, f"{p.name}: qemu_cpu {p.qemu_cpu!r} not in {sorted(models)}"
+        assert p.qemu_cpu.split(",")[0] in models, (
+            f"{p.name}: qemu_cpu {p.qemu_cpu!r} not in {sorted(models)}"
+        )
 
 
 def test_to_dict_is_plain_json_data(real):
@@ -124,26 +139,41 @@ def test_a_good_profile_loads_by_path(tmp_path):
     assert isinstance(p.mem_bandwidth_bytes_per_s, float)
 
 
-@pytest.mark.parametrize("edit, key", [
-    (lambda t: t.replace('qemu_cpu = "cortex-a76"', 'qemu_cpu = "cortex-a76"\nflash_bytes = 1'),
-     "flash_bytes"),                                                          # unknown key
-    (lambda t: t.replace("ram_bytes = 8_589_934_592\n", ""), "ram_bytes"),    # missing key
-    (lambda t: t.replace('ram_bytes = "https://example.org/spec: 8 GB"\n', ""), "ram_bytes"),  # no source
-    (lambda t: t.replace("ram_bytes = 8_589_934_592", 'ram_bytes = "8 GB"'), "ram_bytes"),      # wrong type
-    (lambda t: t.replace("cpu_cores = 4", "cpu_cores = 4.5"), "cpu_cores"),                     # wrong type
-    (lambda t: t.replace("cpu_cores = 4", "cpu_cores = true"), "cpu_cores"),                    # bool is no int
-    (lambda t: t.replace('backends = ["xnnpack"]', 'backends = "xnnpack"'), "backends"),        # not a list
-    (lambda t: t.replace('isa_features = ["armv8.2-a", "neon"]', 'isa_features = ["neon", 3]'), "isa_features"),
-    (lambda t: t + 'flash_bytes = "https://example.org"\n', "flash_bytes"),  # source for no field
-    (lambda t: t.replace('app_budget_bytes = "estimate: RAM minus OS"', 'app_budget_bytes = ""'),
-     "app_budget_bytes"),                                                     # empty source line
-    (lambda t: t.replace("ram_bytes = 8_589_934_592", 'ram_bytes = "measure"'), "ram_bytes"),  # not a host
-    (lambda t: t.replace("app_budget_bytes = 6_000_000_000", "app_budget_bytes = 9_000_000_000"),
-     "app_budget_bytes"),                                                     # budget >= RAM
-    (lambda t: t.replace('kind = "sbc"', 'kind = "tablet"'), "kind"),
-    (lambda t: t.replace('backends = ["xnnpack"]', 'backends = ["xnnpak"]'), "backend"),
-    (lambda t: t.replace('kind = "sbc"', 'kind = "sbc"\nmeasured = ["ram_bytes"]'), "measured"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (
+            lambda t: t.replace('qemu_cpu = "cortex-a76"', 'qemu_cpu = "cortex-a76"\nflash_bytes = 1'),
+            "flash_bytes",
+        ),  # unknown key
+        (lambda t: t.replace("ram_bytes = 8_589_934_592\n", ""), "ram_bytes"),  # missing key
+        (lambda t: t.replace('ram_bytes = "https://example.org/spec: 8 GB"\n', ""), "ram_bytes"),  # no source
+        (lambda t: t.replace("ram_bytes = 8_589_934_592", 'ram_bytes = "8 GB"'), "ram_bytes"),  # wrong type
+        (lambda t: t.replace("cpu_cores = 4", "cpu_cores = 4.5"), "cpu_cores"),  # wrong type
+        (lambda t: t.replace("cpu_cores = 4", "cpu_cores = true"), "cpu_cores"),  # bool is no int
+        (lambda t: t.replace('backends = ["xnnpack"]', 'backends = "xnnpack"'), "backends"),  # not a list
+        (
+            lambda t: t.replace('isa_features = ["armv8.2-a", "neon"]', 'isa_features = ["neon", 3]'),
+            "isa_features",
+        ),
+        (lambda t: t + 'flash_bytes = "https://example.org"\n', "flash_bytes"),  # source for no field
+        (
+            lambda t: t.replace('app_budget_bytes = "estimate: RAM minus OS"', 'app_budget_bytes = ""'),
+            "app_budget_bytes",
+        ),  # empty source line
+        (
+            lambda t: t.replace("ram_bytes = 8_589_934_592", 'ram_bytes = "measure"'),
+            "ram_bytes",
+        ),  # not a host
+        (
+            lambda t: t.replace("app_budget_bytes = 6_000_000_000", "app_budget_bytes = 9_000_000_000"),
+            "app_budget_bytes",
+        ),  # budget >= RAM
+        (lambda t: t.replace('kind = "sbc"', 'kind = "tablet"'), "kind"),
+        (lambda t: t.replace('backends = ["xnnpack"]', 'backends = ["xnnpak"]'), "backend"),
+        (lambda t: t.replace('kind = "sbc"', 'kind = "sbc"\nmeasured = ["ram_bytes"]'), "measured"),
+    ],
+)
 def test_bad_profiles_name_the_file_and_the_key(tmp_path, edit, key):
     path = write(tmp_path, edit(GOOD))
     assert edit(GOOD) != GOOD
@@ -165,6 +195,7 @@ def test_invalid_toml_and_unknown_names(tmp_path):
 
 # ---------------------------------------------------------------- host
 
+
 def test_host_is_measured_and_plausible():
     t0 = time.perf_counter()
     m = measure_host()
@@ -180,14 +211,24 @@ def test_host_is_measured_and_plausible():
 
     host = load_device("host")
     assert host.kind == "host" and host.mem_bandwidth_kind == "measured"
-    assert set(host.measured) == {"soc", "cpu_cores", "cpu_core_types", "isa_features", "ram_bytes",
-                                  "app_budget_bytes", "mem_bandwidth_bytes_per_s"}
+    assert set(host.measured) == {
+        "soc",
+        "cpu_cores",
+        "cpu_core_types",
+        "isa_features",
+        "ram_bytes",
+        "app_budget_bytes",
+        "mem_bandwidth_bytes_per_s",
+    }
     assert host.ram_bytes == m["ram_bytes"] and host.cpu_cores == m["cpu_cores"]
 
 
 def test_host_may_not_measure_what_cannot_be_measured(tmp_path):
-    text = (DEVICE_DIR / "host.toml").read_text().replace('mem_bandwidth_kind = "measured"',
-                                                           'mem_bandwidth_kind = "measure"')
+    text = (
+        (DEVICE_DIR / "host.toml")
+        .read_text()
+        .replace('mem_bandwidth_kind = "measured"', 'mem_bandwidth_kind = "measure"')
+    )
     path = write(tmp_path, text, "myhost")
     with pytest.raises(QkvxError, match=r"myhost\.toml: key 'mem_bandwidth_kind' cannot be measured"):
         load_device(path)

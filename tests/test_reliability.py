@@ -1,5 +1,6 @@
 """Reliability: kill -9 during export leaves the previous output or nothing; exports are
 reproducible byte for byte; decoding past max_seq_len is refused by every runner."""
+
 import json
 import os
 import signal
@@ -18,7 +19,9 @@ from qkvx.models.transformer import Transformer
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
-    spec = qkvx.ModelSpec.from_paper_name("Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=64)
+    spec = qkvx.ModelSpec.from_paper_name(
+        "Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=64
+    )
     return qkvx.save(Transformer(spec).init_weights(0, std=0.1), tmp_path_factory.mktemp("rel") / "native")
 
 
@@ -29,8 +32,22 @@ def test_kill_9_during_export_leaves_previous_output_or_nothing(native, tmp_path
     out = tmp_path / "out"
     (out).mkdir()
     (out / "manifest.json").write_text('{"previous": true}')
-    p = subprocess.Popen([sys.executable, "-m", "qkvx", "export", str(native), "--recipe", "pte-fp32",
-                          "--out", str(out), "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qkvx",
+            "export",
+            str(native),
+            "--recipe",
+            "pte-fp32",
+            "--out",
+            str(out),
+            "--force",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(delay)
     if p.poll() is None:
         os.kill(p.pid, signal.SIGKILL)
@@ -49,8 +66,8 @@ def test_kill_9_during_export_leaves_previous_output_or_nothing(native, tmp_path
 def test_exports_are_byte_identical(native, tmp_path, recipe):
     a = export(native, recipe, tmp_path / "a", validate=False)
     b = export(native, recipe, tmp_path / "b", validate=False)
-    assert a["artifacts"][0]["sha256"] == b["artifacts"][0]["sha256"]
-    assert (tmp_path / "a" / a["artifacts"][0]["file"]).read_bytes() == (tmp_path / "b" / b["artifacts"][0]["file"]).read_bytes()
+    assert a.artifact.sha256 == b.artifact.sha256
+    assert (tmp_path / "a" / a.artifact.file).read_bytes() == (tmp_path / "b" / b.artifact.file).read_bytes()
 
 
 @pytest.mark.parametrize("recipe", ["pte-fp32", "onnx-fp32"])

@@ -1,6 +1,7 @@
 """The decode soak (qkvx.soak), short: 300 steps of the RoPE K=V model through the .pte must stay
 within the fp32 parity bound, and the same comparison must fail a runtime that drifts or whose cache
 loses a position."""
+
 import pytest
 import torch
 
@@ -14,8 +15,15 @@ VARIANT = "llama-Q-K=V"  # RoPE with k = v: keys are rotated on every cache read
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory):
     out = tmp_path_factory.mktemp("soak")
-    return out, run_soak(out, STEPS, variants=(VARIANT,), runtimes=("pte",), progress=lambda _: None,
-                         prompt=PROMPT, window=WINDOW)
+    return out, run_soak(
+        out,
+        STEPS,
+        variants=(VARIANT,),
+        runtimes=("pte",),
+        progress=lambda _: None,
+        prompt=PROMPT,
+        window=WINDOW,
+    )
 
 
 def test_short_soak_within_fp32_bound(soak):
@@ -84,7 +92,9 @@ class _HoleInCache:
 def test_comparison_fails_a_cache_that_loses_a_position(soak):
     out, _ = soak
     runner = one_thread_runner("pte", out / "models" / VARIANT.replace("=", "") / "pte" / "model.pte")
-    tokens = torch.randint(0, 256, (PROMPT + STEPS - 1,), generator=torch.Generator().manual_seed(2))  # room for the hole
+    tokens = torch.randint(
+        0, 256, (PROMPT + STEPS - 1,), generator=torch.Generator().manual_seed(2)
+    )  # room for the hole
     run = decode_stream(_HoleInCache(runner, at=200), tokens, PROMPT)
     ref = soak_model(VARIANT, PROMPT + STEPS)(tokens[None])[0]
     result = compare(run["logits"], ref, load_recipe("pte-fp32").gates, PROMPT, WINDOW)

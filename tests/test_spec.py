@@ -1,4 +1,5 @@
 """ModelSpec validation, paper names, and the cache arithmetic against DESIGN.md's numbers."""
+
 import pytest
 
 from qkvx import ModelSpec, QkvxError, cache_layout
@@ -36,14 +37,30 @@ def test_int8_cache_counts_scales():
     assert int8 / fp16 <= 0.55
 
 
-@pytest.mark.parametrize("name,sharing,kv", [
-    ("QKV", "qkv", 16), ("Q=K-V", "qk-v", 16), ("Q-K=V", "q-kv", 16), ("Q=K=V", "q=k=v", 16),
-    ("GQA-4", "qkv", 4), ("MQA", "qkv", 1), ("Q-GQA-4", "q-kv", 4), ("Q-MQA", "q-kv", 1),
-])
+@pytest.mark.parametrize(
+    "name,sharing,kv",
+    [
+        ("QKV", "qkv", 16),
+        ("Q=K-V", "qk-v", 16),
+        ("Q-K=V", "q-kv", 16),
+        ("Q=K=V", "q=k=v", 16),
+        ("GQA-4", "qkv", 4),
+        ("MQA", "qkv", 1),
+        ("Q-GQA-4", "q-kv", 4),
+        ("Q-MQA", "q-kv", 1),
+    ],
+)
 def test_paper_names_round_trip(name, sharing, kv):
     s = ModelSpec.from_paper_name(name, preset="paper-300m")
     assert (s.sharing, s.n_kv_head, s.paper_name) == (sharing, kv, name)
-    assert (s.n_layer, s.n_embd, s.n_head, s.n_inner, s.max_positions, s.vocab_size) == (20, 1024, 16, 4096, 2048, 50304)
+    assert (s.n_layer, s.n_embd, s.n_head, s.n_inner, s.max_positions, s.vocab_size) == (
+        20,
+        1024,
+        16,
+        4096,
+        2048,
+        50304,
+    )
     assert ModelSpec.from_dict(s.to_dict()) == s
 
 
@@ -51,14 +68,17 @@ def test_paper_300m_param_count_is_about_300m():
     assert 300e6 < ModelSpec.from_paper_name("QKV", preset="paper-300m").param_count() < 360e6
 
 
-@pytest.mark.parametrize("fields,field_named", [
-    (dict(n_embd=100, n_head=3), "n_head"),
-    (dict(n_head=4, n_kv_head=3), "n_kv_head"),
-    (dict(sharing="q-k-v"), "sharing"),
-    (dict(sharing="q=k=v", n_kv_head=2), "n_kv_head"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(positions="alibi"), "positions"),
-])
+@pytest.mark.parametrize(
+    "fields,field_named",
+    [
+        (dict(n_embd=100, n_head=3), "n_head"),
+        (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+        (dict(sharing="q-k-v"), "sharing"),
+        (dict(sharing="q=k=v", n_kv_head=2), "n_kv_head"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(positions="alibi"), "positions"),
+    ],
+)
 def test_invalid_specs_name_the_field(fields, field_named):
     base = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=128)
     with pytest.raises(QkvxError, match=rf"ModelSpec\.{field_named}"):

@@ -1,6 +1,7 @@
 """`qkvx export --tokenizer`: a BPE tokenizer trained here with the `tokenizers` library (no
 downloads), as a tokenizer.json file and as Hugging Face tokenizer folders, written beside the
 artifact, and used by generate, validate --text and ExecuTorch's stock LLM runner."""
+
 import json
 import subprocess
 import sys
@@ -10,14 +11,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from qkvx.bench.release import write_checkpoint
-from qkvx.train import corpus_bytes
+from qkvx.corpus import corpus_bytes
 
 EOS = "<|endoftext|>"
 DIMS = dict(n_layer=2, n_embd=32, n_head=4, n_inner=128, n_positions=128, initializer_range=0.2)
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "qkvx", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "qkvx", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +32,27 @@ def bpe(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     text = corpus_bytes()[:200_000].decode("utf-8", errors="ignore")
-    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
     tok.save(str(d / "tokenizer.json"))
     folder = d / "gpt2-style"
     folder.mkdir()
     tok.model.save(str(folder))  # vocab.json + merges.txt
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": EOS}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": EOS})
+    )
     return d / "tokenizer.json", folder, tok
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A release checkpoint whose embedding (512 rows) is larger than the tokenizer (400 ids)."""
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "final_model.pt", "Q-K=V", kind="final",
-                            vocab_size=512, **DIMS)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "final_model.pt", "Q-K=V", kind="final", vocab_size=512, **DIMS
+    )
 
 
 @pytest.mark.parametrize("recipe", ["onnx-fp32", "pte-fp32"])
@@ -84,7 +91,11 @@ def test_stock_executorch_runner_reads_the_bpe(bpe, checkpoint, tmp_path, capfd)
     obj = torch.load(checkpoint, weights_only=True)
     wte = obj["model_state_dict"]["module.wte.weight"]
     for i in range(wte.shape[0]):
-        if i >= reference.get_vocab_size() or i == reference.token_to_id(EOS) or not reference.decode([i]).isascii():
+        if (
+            i >= reference.get_vocab_size()
+            or i == reference.token_to_id(EOS)
+            or not reference.decode([i]).isascii()
+        ):
             wte[i] = 0
     ascii_only = tmp_path / "ascii.pt"
     torch.save(obj, ascii_only)
@@ -92,12 +103,16 @@ def test_stock_executorch_runner_reads_the_bpe(bpe, checkpoint, tmp_path, capfd)
     r = run("export", ascii_only, "--recipe", "pte-fp32", "--out", out, "--tokenizer", file, "--no-validate")
     assert r.returncode == 0, r.stderr
     prompt = "The default value of the"
-    ours = generate(PteRunner(out / "model.pte"), reference.encode(prompt).ids, 12,
-                    eos_ids=(reference.token_to_id(EOS),)).new_ids
+    ours = generate(
+        PteRunner(out / "model.pte"), reference.encode(prompt).ids, 12, eos_ids=(reference.token_to_id(EOS),)
+    ).new_ids
     pieces = []
     runner = TextLLMRunner(str(out / "model.pte"), str(out / "tokenizer.json"))
-    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=len(ours), temperature=0.0,
-                                             num_bos=0, num_eos=0), token_callback=pieces.append)
+    runner.generate(
+        prompt,
+        GenerationConfig(echo=False, max_new_tokens=len(ours), temperature=0.0, num_bos=0, num_eos=0),
+        token_callback=pieces.append,
+    )
     capfd.readouterr()
     assert len(ours) == 12 and "".join(pieces) == reference.decode(ours)
 
@@ -107,17 +122,23 @@ def test_hf_tokenizer_folder_without_tokenizer_json(bpe, checkpoint, tmp_path):
     the fast tokenizer, and its eos_token is what generation stops at."""
     _, folder, reference = bpe
     out = tmp_path / "onnx"
-    r = run("export", checkpoint, "--recipe", "onnx-fp32", "--out", out, "--tokenizer", folder, "--no-validate")
+    r = run(
+        "export", checkpoint, "--recipe", "onnx-fp32", "--out", out, "--tokenizer", folder, "--no-validate"
+    )
     assert r.returncode == 0, r.stderr
     written = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert written.encode("x = [1, 2]  # list").ids == reference.encode("x = [1, 2]  # list").ids
-    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["eos_ids"] == [reference.token_to_id(EOS)]
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["eos_ids"] == [
+        reference.token_to_id(EOS)
+    ]
 
 
 def test_model_vocabulary_smaller_than_tokenizer_is_one_line(bpe, tmp_path):
     small = write_checkpoint(tmp_path / "small.pt", "Q-K=V", kind="final", vocab_size=300, **DIMS)
     r = run("export", small, "--recipe", "onnx-fp32", "--out", tmp_path / "o", "--tokenizer", bpe[0])
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "400 ids" in r.stderr and "300" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "400 ids" in r.stderr and "300" in r.stderr, (
+        r.stderr
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -1,5 +1,6 @@
 """The trainer: it learns, it is reproducible bit for bit, what it writes loads back as the same
 model, and its evaluation functions compute what they say."""
+
 import json
 import math
 
@@ -9,12 +10,24 @@ from torch import nn
 
 import qkvx
 from qkvx import QkvxError
+from qkvx.corpus import split_corpus
 from qkvx.models.transformer import Transformer
-from qkvx.train import make_spec, perplexity, split_corpus, train, unigram_perplexity
+from qkvx.train import make_spec, perplexity, train, unigram_perplexity
 
 # Tiny on purpose (about a second per run): the tests check behaviour, not quality.
-TINY = dict(n_layer=1, n_embd=32, n_head=4, max_positions=64, steps=40, batch_size=8, seq_len=32,
-            lr=3e-3, warmup=5, threads=1, quiet=True)
+TINY = dict(
+    n_layer=1,
+    n_embd=32,
+    n_head=4,
+    max_positions=64,
+    steps=40,
+    batch_size=8,
+    seq_len=32,
+    lr=3e-3,
+    warmup=5,
+    threads=1,
+    quiet=True,
+)
 
 
 @pytest.fixture(scope="module")

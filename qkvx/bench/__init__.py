@@ -5,14 +5,16 @@ This 2-core machine is noisy, so every configuration runs in a FRESH process (no
 thread pool carried over), configurations are interleaved (alternating order per repeat) and each
 figure is the median over repeats with its spread; ratios are between medians of the same run.
 """
+
 from __future__ import annotations
 
 import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from qkvx.bench.artifacts import artifact_path, prepare, run_measured
 from qkvx.bench.render import to_markdown
@@ -22,9 +24,16 @@ from qkvx.bench.suite import BACKENDS, CONTEXTS, PREFILL_TOKENS, SIZES, VARIANTS
 __all__ = ["run_bench", "to_markdown", "configs", "Config"]
 
 
-def run_bench(out: str | Path = "bench_out", sizes=tuple(SIZES), variants=VARIANTS, backends=tuple(BACKENDS),
-              contexts: tuple[int, ...] = CONTEXTS, repeats: int = 3, steps: int = 16,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    out: str | Path = "bench_out",
+    sizes=tuple(SIZES),
+    variants=VARIANTS,
+    backends=tuple(BACKENDS),
+    contexts: tuple[int, ...] = CONTEXTS,
+    repeats: int = 3,
+    steps: int = 16,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Build (or reuse) every artifact, measure every configuration `repeats` times in fresh
     interleaved processes, write OUT/bench.json and OUT/bench.md; returns the result."""
     from qkvx.devices import measure_bandwidth
@@ -40,19 +49,39 @@ def run_bench(out: str | Path = "bench_out", sizes=tuple(SIZES), variants=VARIAN
     bandwidth = measure_bandwidth()
     points: dict[Config, list[dict]] = {cfg: [] for cfg in cfgs}
     for r in range(repeats):
-        for cfg in (cfgs if r % 2 == 0 else cfgs[::-1]):
-            arg = json.dumps({"backend": cfg.backend, "path": str(paths[cfg]), "contexts": list(contexts),
-                              "steps": steps, "prefill_tokens": PREFILL_TOKENS, "max_seq_len": max_seq})
-            points[cfg].append(json.loads(run_measured([sys.executable, "-m", "qkvx.bench.worker", arg])["stdout"]
-                                          .strip().splitlines()[-1]))
+        for cfg in cfgs if r % 2 == 0 else cfgs[::-1]:
+            arg = json.dumps(
+                {
+                    "backend": cfg.backend,
+                    "path": str(paths[cfg]),
+                    "contexts": list(contexts),
+                    "steps": steps,
+                    "prefill_tokens": PREFILL_TOKENS,
+                    "max_seq_len": max_seq,
+                }
+            )
+            points[cfg].append(
+                json.loads(
+                    run_measured([sys.executable, "-m", "qkvx.bench.worker", arg])["stdout"]
+                    .strip()
+                    .splitlines()[-1]
+                )
+            )
         progress(f"  repeat {r + 1}/{repeats} done ({(time.perf_counter() - t_start) / 60:.1f} min)")
     profiles = {}  # where the .pte's decode time goes at the largest context (ExecuTorch ETDump)
     for cfg in (c for c in cfgs if c.backend == "pte-fp32"):
         run = run_measured([sys.executable, "-m", "qkvx.bench.profile", str(paths[cfg]), str(max_seq)])
         profiles[cfg.key] = json.loads(run["stdout"].strip().splitlines()[-1])
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "steps": steps,
-            "prefill_tokens": PREFILL_TOKENS, "pte_profiles": profiles}
-    result = summarize(points, exports, paths, contexts, max(bandwidth, measure_bandwidth.__wrapped__()), meta)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _machine(),
+        "steps": steps,
+        "prefill_tokens": PREFILL_TOKENS,
+        "pte_profiles": profiles,
+    }
+    result = summarize(
+        points, exports, paths, contexts, max(bandwidth, measure_bandwidth.__wrapped__()), meta
+    )
     result["wall_minutes"] = (time.perf_counter() - t_start) / 60
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(to_markdown(result))
@@ -62,11 +91,9 @@ def run_bench(out: str | Path = "bench_out", sizes=tuple(SIZES), variants=VARIAN
 def _machine() -> str:
     import os
 
-    name = "unknown CPU"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from qkvx.util import proc_fields
+
+    name = proc_fields().get("model name", "unknown CPU")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.machine()} {name}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    cores = f"{os.cpu_count()} cores, {mem:.0f} GiB RAM"
+    return f"{platform.machine()} {name}, {cores}, Python {platform.python_version()}"

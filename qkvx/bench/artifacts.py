@@ -6,6 +6,7 @@ Layout: OUT/models/{size}/{variant}/model      native qkvx checkpoint (random we
         OUT/models/{size}/hf, optimum           HF GPT2LMHeadModel + optimum-onnx's export of it
 A finished export is reused by the next run, with the record of how long it took (export.json).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from qkvx.bench.suite import BACKENDS, COMMON, SIZES, Config, slug, spec_for
+from qkvx.bench.suite import BACKENDS, COMMON, SIZES, Config, spec_for
+from qkvx.util import variant_slug
 
 QKVX = [sys.executable, "-m", "qkvx"]
 
@@ -36,12 +38,17 @@ def run_measured(cmd: list, env: dict | None = None, check: bool = True) -> dict
         wall = time.perf_counter() - t0
         if r.returncode != 0 and check:
             raise RuntimeError(f"failed (exit {r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
-        return {"seconds": round(wall, 2), "peak_rss_bytes": int(peak.read_text()) if peak.exists() else 0,
-                "stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}
+        return {
+            "seconds": round(wall, 2),
+            "peak_rss_bytes": int(peak.read_text()) if peak.exists() else 0,
+            "stdout": r.stdout,
+            "stderr": r.stderr,
+            "returncode": r.returncode,
+        }
 
 
 def model_dir(out: Path, size: str, variant: str) -> Path:
-    return out / "models" / size / slug(variant)
+    return out / "models" / size / variant_slug(variant)
 
 
 def artifact_path(out: Path, cfg: Config) -> Path:
@@ -59,10 +66,10 @@ def artifact_path(out: Path, cfg: Config) -> Path:
 def _ensure_model(out: Path, size: str, variant: str) -> Path:
     folder = model_dir(out, size, variant) / "model"
     if not (folder / "model.safetensors").is_file() and not folder.is_dir():
-        import qkvx
+        from qkvx.loaders.native import save
         from qkvx.models.transformer import Transformer
 
-        qkvx.save(Transformer(spec_for(size, variant)).init_weights(0), folder)
+        save(Transformer(spec_for(size, variant)).init_weights(0), folder)
     return folder
 
 
@@ -78,13 +85,22 @@ def _ensure_optimum(out: Path, size: str) -> dict:
 
         torch.manual_seed(0)
         d = SIZES[size]
-        config = GPT2Config(n_layer=d["n_layer"], n_embd=d["n_embd"], n_head=d["n_head"],
-                            vocab_size=COMMON["vocab_size"], n_positions=COMMON["max_positions"])
+        config = GPT2Config(
+            n_layer=d["n_layer"],
+            n_embd=d["n_embd"],
+            n_head=d["n_head"],
+            vocab_size=COMMON["vocab_size"],
+            n_positions=COMMON["max_positions"],
+        )
         GPT2LMHeadModel(config).eval().save_pretrained(base / "hf")
-    code = ("from optimum.exporters.onnx import main_export; import sys; "
-            "main_export(sys.argv[1], output=sys.argv[2], task='text-generation-with-past', "
-            "local_files_only=True, do_validation=False)")
-    rec = run_measured([sys.executable, "-c", code, base / "hf", base / "optimum"], env={"HF_HUB_OFFLINE": "1"})
+    code = (
+        "from optimum.exporters.onnx import main_export; import sys; "
+        "main_export(sys.argv[1], output=sys.argv[2], task='text-generation-with-past', "
+        "local_files_only=True, do_validation=False)"
+    )
+    rec = run_measured(
+        [sys.executable, "-c", code, base / "hf", base / "optimum"], env={"HF_HUB_OFFLINE": "1"}
+    )
     rec.pop("stdout")
     record.write_text(json.dumps(rec))
     return rec
@@ -106,8 +122,21 @@ def ensure_artifact(out: Path, cfg: Config) -> dict | None:
     record = dest / "export.json"
     if record.is_file():
         return json.loads(record.read_text())
-    rec = run_measured([*QKVX, "export", model, "--recipe", recipe, "--out", dest, "--no-validate", "--force",
-                        "--max-seq-len", COMMON["max_positions"]])
+    rec = run_measured(
+        [
+            *QKVX,
+            "export",
+            model,
+            "--recipe",
+            recipe,
+            "--out",
+            dest,
+            "--no-validate",
+            "--force",
+            "--max-seq-len",
+            COMMON["max_positions"],
+        ]
+    )
     rec.pop("stdout")
     record.write_text(json.dumps(rec))
     return rec
@@ -120,5 +149,8 @@ def prepare(out: Path, cfgs: list[Config], progress: Callable[[str], None] = pri
         rec = ensure_artifact(out, cfg)
         if rec is not None:
             records[cfg.key] = rec
-            progress(f"  {cfg.key}: export {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_bytes'] / 2**20:,.0f} MiB")
+            progress(
+                f"  {cfg.key}: export {rec['seconds']:.0f} s, "
+                f"peak RSS {rec['peak_rss_bytes'] / 2**20:,.0f} MiB"
+            )
     return records

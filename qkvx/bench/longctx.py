@@ -11,6 +11,7 @@ rounds is reported. A decode step's cost depends only on how many cache position
 kernel branches on the data), so each context's steps start from a zero past of c - steps
 positions, as qkvx.bench.worker does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 
 WIDTH = dict(n_layer=4, n_embd=1024, n_head=16, vocab_size=256, max_positions=16384)
-LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 FAMILIES = ("gpt", "llama")
 VARIANTS = ("QKV", "Q-K=V", "Q-MQA")
 CONTEXTS = (1024, 4096, 16384)
@@ -31,7 +31,7 @@ CONTEXTS = (1024, 4096, 16384)
 def spec_for(family: str, variant: str, **overrides):
     from qkvx.spec import ModelSpec
 
-    return ModelSpec.from_paper_name(variant, **{**WIDTH, **(LLAMA if family == "llama" else {}), **overrides})
+    return ModelSpec.for_family(family, variant, **{**WIDTH, "n_inner": 4 * WIDTH["n_embd"], **overrides})
 
 
 def export_one(family: str, variant: str, attention: str, out: Path, **overrides) -> Path:
@@ -65,8 +65,15 @@ def measure_one(path: Path, contexts, steps: int) -> dict:
     return out
 
 
-def run(out: Path, attentions, families=FAMILIES, variants=VARIANTS, contexts=CONTEXTS, rounds: int = 3,
-        steps: int = 10) -> dict:
+def run(
+    out: Path,
+    attentions,
+    families=FAMILIES,
+    variants=VARIANTS,
+    contexts=CONTEXTS,
+    rounds: int = 3,
+    steps: int = 10,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     configs = []
     for attention in attentions:
@@ -81,13 +88,25 @@ def run(out: Path, attentions, families=FAMILIES, variants=VARIANTS, contexts=CO
     runs: dict = {}
     for r in range(rounds):
         for family, variant, attention, path in configs:
-            cmd = [sys.executable, "-m", "qkvx.bench.longctx", "--one", str(path), "--contexts",
-                   ",".join(map(str, contexts)), "--steps", str(steps)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "qkvx.bench.longctx",
+                "--one",
+                str(path),
+                "--contexts",
+                ",".join(map(str, contexts)),
+                "--steps",
+                str(steps),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             ms = json.loads(res.stdout.strip().splitlines()[-1])
             runs.setdefault(f"{family}/{variant}/{attention}", []).append(ms)
-            print(f"round {r + 1} {family} {variant} {attention}: "
-                  + " ".join(f"{c}={v:.1f}" for c, v in ms.items()), flush=True)
+            print(
+                f"round {r + 1} {family} {variant} {attention}: "
+                + " ".join(f"{c}={v:.1f}" for c, v in ms.items()),
+                flush=True,
+            )
     result = {key: {c: statistics.median(m[c] for m in ms) for c in ms[0]} for key, ms in runs.items()}
     (out / "longctx.json").write_text(json.dumps({"median_ms": result, "runs": runs}, indent=2) + "\n")
     return runs
@@ -97,13 +116,15 @@ def _ratio(runs: dict, base: str, key: str, c: str) -> float | None:
     """Median over rounds of base ms / key ms, each round's pair measured minutes apart at most."""
     if base not in runs:
         return None
-    return statistics.median(b[c] / k[c] for b, k in zip(runs[base], runs[key]))
+    return statistics.median(b[c] / k[c] for b, k in zip(runs[base], runs[key], strict=False))
 
 
 def to_markdown(runs: dict) -> str:
     contexts = list(next(iter(runs.values()))[0])
-    lines = ["| family | variant | attention | " + " | ".join(f"{int(c):,}" for c in contexts) + " |",
-             "|---|---|---|" + "---|" * len(contexts)]
+    lines = [
+        "| family | variant | attention | " + " | ".join(f"{int(c):,}" for c in contexts) + " |",
+        "|---|---|---|" + "---|" * len(contexts),
+    ]
     for key, ms in runs.items():
         family, variant, attention = key.split("/")
         cells = []
@@ -117,8 +138,11 @@ def to_markdown(runs: dict) -> str:
                 cell += f" ({plain:.2f}x)"
             cells.append(cell)
         lines.append(f"| {family} | {variant} | {attention} | " + " | ".join(cells) + " |")
-    lines += ["", "ms/token, median over rounds. (a, b): a = QKV ms / this ms with the same attention graph, "
-              "b = QKV ms on the plain graph / this ms; each the median over rounds of that round's ratio."]
+    lines += [
+        "",
+        "ms/token, median over rounds. (a, b): a = QKV ms / this ms with the same attention graph, "
+        "b = QKV ms on the plain graph / this ms; each the median over rounds of that round's ratio.",
+    ]
     return "\n".join(lines)
 
 
@@ -137,6 +161,13 @@ if __name__ == "__main__":
     if a.one:
         print(json.dumps(measure_one(a.one, contexts, a.steps)))
     else:
-        res = run(a.out, a.attention.split(","), a.families.split(","), a.variants.split(","), contexts, a.rounds,
-                  a.steps)
+        res = run(
+            a.out,
+            a.attention.split(","),
+            a.families.split(","),
+            a.variants.split(","),
+            contexts,
+            a.rounds,
+            a.steps,
+        )
         print(to_markdown(res))

@@ -5,6 +5,7 @@ Why not the parent's os.wait4 ru_maxrss: Python starts children with vfork, and 
 RSS of the pre-exec image (the PARENT's memory) into the child's ru_maxrss, so a small child of a
 large bench process would report the bench's size. VmHWM belongs to the new image only.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -38,7 +39,9 @@ def main() -> None:
         sys.argv = ["-c", *args]
         exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
     else:
-        raise SystemExit(f"usage: python -m qkvx.bench.peak OUT_FILE (-m MODULE | -c CODE) [ARGS...], got {mode!r}")
+        raise SystemExit(
+            f"usage: python -m qkvx.bench.peak OUT_FILE (-m MODULE | -c CODE) [ARGS...], got {mode!r}"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Parts: attention (llama::custom_sdpa / custom_quantized_sdpa over the cache), ca
 (llama::update_cache), the XNNPACK delegate (every Linear, norms and GELU it took), and the portable
 ops left outside it. Each is the sum over the graph's instances of their median per step.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-PARTS = {"attention (custom_sdpa)": ("custom_sdpa", "custom_quantized_sdpa"), "cache write (update_cache)": ("update_cache",),
-         "XNNPACK delegate (Linear, ...)": ("DELEGATE_CALL",)}
+PARTS = {
+    "attention (custom_sdpa)": ("custom_sdpa", "custom_quantized_sdpa"),
+    "cache write (update_cache)": ("update_cache",),
+    "XNNPACK delegate (Linear, ...)": ("DELEGATE_CALL",),
+}
 
 
 def profile_pte(path: str | Path, context: int, steps: int = 12) -> dict[str, float]:
@@ -22,11 +26,11 @@ def profile_pte(path: str | Path, context: int, steps: int = 12) -> dict[str, fl
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib as pl
 
-    from qkvx.harness.runners import use_one_thread
-    from qkvx.rewrite import load_custom_ops
+    from qkvx.decode import load_custom_ops
+    from qkvx.harness.runners import one_thread
 
     load_custom_ops()
-    use_one_thread("pte")
+    one_thread("pte")
     module = pl._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
     for i in range(steps):  # decode steps ending at position context - 1 (content does not change cost)
         module.forward([torch.tensor([[1]]), torch.tensor([context - steps + i])])
@@ -41,9 +45,15 @@ def profile_pte(path: str | Path, context: int, steps: int = 12) -> dict[str, fl
             per_event.setdefault(ev.name, 0.0)
             per_event[ev.name] += statistics.median(raw)
     total = per_event.get("Method::execute", 0.0)
-    parts = {part: sum(ms for name, ms in per_event.items() if any(k in name for k in keys)) for part, keys in PARTS.items()}
-    portable = sum(ms for name, ms in per_event.items() if name.startswith("native_call_")
-                   and not any(k in name for keys in PARTS.values() for k in keys))
+    parts = {
+        part: sum(ms for name, ms in per_event.items() if any(k in name for k in keys))
+        for part, keys in PARTS.items()
+    }
+    portable = sum(
+        ms
+        for name, ms in per_event.items()
+        if name.startswith("native_call_") and not any(k in name for keys in PARTS.values() for k in keys)
+    )
     parts["portable ops (outside XNNPACK)"] = portable
     parts["runtime overhead"] = max(0.0, total - sum(parts.values()))
     return {"total_ms": total, "parts_ms": parts}

@@ -10,14 +10,25 @@ loads as Q-GQA-2) and a paper-style GPT Q-K=V at the init's std. Each recipe is 
 its gates, then validated: `windows` held-out windows of 128 tokens (16 prefilled, 112 decoded)
 for the byte models, the same number of random-token windows otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-RECIPES = ("onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-kv8", "onnx-fp32-kv8",
-           "pte-fp32", "pte-fp32-kv8", "pte-8da8w", "pte-8da4w", "pte-8da4w-kv8")
+RECIPES = (
+    "onnx-fp32",
+    "onnx-int8",
+    "onnx-int4",
+    "onnx-int4-kv8",
+    "onnx-fp32-kv8",
+    "pte-fp32",
+    "pte-fp32-kv8",
+    "pte-8da8w",
+    "pte-8da4w",
+    "pte-8da4w-kv8",
+)
 TRAINED = ("Q-K=V", "QKV")
 
 
@@ -29,8 +40,15 @@ def random_llama(out: Path) -> Path:
     if (out / "config.json").exists():
         return out
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -40,27 +58,37 @@ def random_llama(out: Path) -> Path:
 
 
 def random_gpt(out: Path) -> Path:
-    import qkvx
+    from qkvx.loaders.native import save
     from qkvx.models.transformer import Transformer
+    from qkvx.spec import ModelSpec
 
     if (out / "qkvx.json").exists():
         return out
-    spec = qkvx.ModelSpec.from_paper_name("Q-K=V", n_layer=4, n_embd=128, n_head=4, vocab_size=256, max_positions=512)
-    return qkvx.save(Transformer(spec).init_weights(0), out)
+    spec = ModelSpec.from_paper_name(
+        "Q-K=V", n_layer=4, n_embd=128, n_head=4, vocab_size=256, max_positions=512
+    )
+    return save(Transformer(spec).init_weights(0), out)
 
 
 def measure(model: Path, recipe: str, out: Path, windows: int) -> dict:
-    from qkvx.api import export
-    from qkvx.harness.validate import validate
+    from qkvx.pipeline import export_model as export
     from qkvx.recipes import load_recipe
+    from qkvx.validate import validate
 
     if not (out / "manifest.json").exists():
         export(model, recipe, out, validate=False, force=True)
-    v = validate(out, steps=112, windows=windows, gates=load_recipe(recipe).gates)  # the recipe's gates as they are now
-    (name, p), = v.runtimes.items()
+    v = validate(
+        out, steps=112, windows=windows, gates=load_recipe(recipe).gates
+    )  # the recipe's gates as they are now
+    ((name, p),) = v.runtimes.items()
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"recipe": recipe, "artifact_bytes": sum(a["bytes"] for a in manifest["artifacts"]),
-            "cache_bytes_per_token": manifest["cache"]["bytes_per_token"], "stream": v.stream["source"], **p}
+    return {
+        "recipe": recipe,
+        "artifact_bytes": sum(a["bytes"] for a in manifest["artifacts"]),
+        "cache_bytes_per_token": manifest["cache"]["bytes_per_token"],
+        "stream": v.stream["source"],
+        **p,
+    }
 
 
 def run(out: Path, windows: int = 32, recipes=RECIPES, progress=print) -> list[dict]:
@@ -73,24 +101,32 @@ def run(out: Path, windows: int = 32, recipes=RECIPES, progress=print) -> list[d
     for label, folder in models.items():
         for recipe in recipes:
             row = {"model": label, **measure(folder, recipe, out / "exports" / folder.name / recipe, windows)}
-            progress(f"{label:24} {recipe:14} top-1 {row['top1_agreement']:.3f} ({row['near_ties']} ties) "
-                     f"KL {row['kl_mean']:.2e} p99 {row['kl_p99']:.2e} gap noise p50 "
-                     f"{row['gap_noise_p50']:.3f} {'pass' if row['passed'] else row['failed']}")
+            progress(
+                f"{label:24} {recipe:14} top-1 {row['top1_agreement']:.3f} ({row['near_ties']} ties) "
+                f"KL {row['kl_mean']:.2e} p99 {row['kl_p99']:.2e} gap noise p50 "
+                f"{row['gap_noise_p50']:.3f} {'pass' if row['passed'] else row['failed']}"
+            )
             rows.append(row)
     (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| model | recipe | artifact bytes | cache B/token | ppl (fp32 eager) | ppl change | top-1 | near ties "
-             "| KL mean | KL p99 | top-2 gap noise (median) | gates |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | recipe | artifact bytes | cache B/token | ppl (fp32 eager) | ppl change | top-1 "
+        "| near ties "
+        "| KL mean | KL p99 | top-2 gap noise (median) | gates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ppl = f"{r['ppl']:.3f} ({r['ppl_ref']:.3f})" if r["ppl"] is not None else "-"
         change = f"{100 * r['ppl_change']:+.2f} %" if r["ppl_change"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['artifact_bytes']:,} | {r['cache_bytes_per_token']:,} | "
-                     f"{ppl} | {change} | {100 * r['top1_agreement']:.1f} % | {r['near_ties']} / {r['positions']} | "
-                     f"{r['kl_mean']:.2e} | {r['kl_p99']:.2e} | {r['gap_noise_p50']:.3f} | "
-                     f"{'pass' if r['passed'] else 'FAIL ' + ', '.join(r['failed'])} |")
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['artifact_bytes']:,} | {r['cache_bytes_per_token']:,} | "
+            f"{ppl} | {change} | {100 * r['top1_agreement']:.1f} % | {r['near_ties']} / {r['positions']} | "
+            f"{r['kl_mean']:.2e} | {r['kl_p99']:.2e} | {r['gap_noise_p50']:.3f} | "
+            f"{'pass' if r['passed'] else 'FAIL ' + ', '.join(r['failed'])} |"
+        )
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ GQA / MQA / Q-GQA / Q-MQA scripts have n_kv_groups. The optimizer is torch.optim
 model.parameters() (one group), its state after real steps: two fp32 moments per parameter.
 The module tree below mirrors the release's names and registration order (state-dict order).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,30 +24,63 @@ import torch
 from torch import nn
 
 from qkvx.spec import ModelSpec, canonical_variant
+from qkvx.util import variant_slug
 
 # variant -> attention Linear layers in the release's order: (name, rows in units of C, or of the
 # kv width G = g * D when the second element is "G", with the multiplier)
 ATTENTION = {
-    "QKV": [("c_attn", "C", 3)], "Q=K-V": [("c_kv", "C", 2)], "Q-K=V": [("c_q", "C", 1), ("c_k", "C", 1)],
-    "Q=K=V": [("c_k", "C", 1)], "GQA": [("c_q", "C", 1), ("c_kv", "G", 2)],
-    "MQA": [("c_q", "C", 1), ("c_kv", "G", 2)], "Q-GQA": [("c_q", "C", 1), ("c_k", "G", 1)],
+    "QKV": [("c_attn", "C", 3)],
+    "Q=K-V": [("c_kv", "C", 2)],
+    "Q-K=V": [("c_q", "C", 1), ("c_k", "C", 1)],
+    "Q=K=V": [("c_k", "C", 1)],
+    "GQA": [("c_q", "C", 1), ("c_kv", "G", 2)],
+    "MQA": [("c_q", "C", 1), ("c_kv", "G", 2)],
+    "Q-GQA": [("c_q", "C", 1), ("c_k", "G", 1)],
     "Q-MQA": [("c_q", "C", 1), ("c_kv", "G", 1)],
 }
 GROUPED = ("GQA", "MQA", "Q-GQA", "Q-MQA")  # the scripts whose ModelConfig has n_kv_groups
 
 # asdict(TrainingConfig) of the 300M and 1.2B scripts (output_dir / clearml_task name the variant).
-_TRAIN_300M = dict(train_data_path="./slimpajama_train", val_data_path="./slimpajama_validation",
-                   total_tokens=10_000_000_000, micro_batch_size=6, gradient_accumulation=24, num_workers=16,
-                   prefetch_factor=6, learning_rate=2e-4, min_lr=2e-5, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                   grad_clip=1.0, warmup_steps=500, lr_scheduler="cosine", save_interval=1000, eval_interval=200,
-                   log_interval=10, eval_tokens=10_000_000, seed=42, output_dir="./outputs_{slug}",
-                   clearml_project="GPT-QKV-Comparison", clearml_task="GPT-300M-{name}-10B")
+_TRAIN_300M = dict(
+    train_data_path="./slimpajama_train",
+    val_data_path="./slimpajama_validation",
+    total_tokens=10_000_000_000,
+    micro_batch_size=6,
+    gradient_accumulation=24,
+    num_workers=16,
+    prefetch_factor=6,
+    learning_rate=2e-4,
+    min_lr=2e-5,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    warmup_steps=500,
+    lr_scheduler="cosine",
+    save_interval=1000,
+    eval_interval=200,
+    log_interval=10,
+    eval_tokens=10_000_000,
+    seed=42,
+    output_dir="./outputs_{slug}",
+    clearml_project="GPT-QKV-Comparison",
+    clearml_task="GPT-300M-{name}-10B",
+)
 TRAIN_CONFIG = {  # the 1.2B scripts change these fields, and keep the order
     "300m": _TRAIN_300M,
-    "1.2b": {**_TRAIN_300M, "train_data_path": "./slimpajama_data/train", "micro_batch_size": 2,
-             "gradient_accumulation": 36, "num_workers": 12, "learning_rate": 6e-5, "min_lr": 6e-6,
-             "warmup_steps": 1000, "eval_interval": 500, "output_dir": "./outputs_1.2B_{slug}",
-             "clearml_task": "GPT-1.2B-{name}-10B"},
+    "1.2b": {
+        **_TRAIN_300M,
+        "train_data_path": "./slimpajama_data/train",
+        "micro_batch_size": 2,
+        "gradient_accumulation": 36,
+        "num_workers": 12,
+        "learning_rate": 6e-5,
+        "min_lr": 6e-6,
+        "warmup_steps": 1000,
+        "eval_interval": 500,
+        "output_dir": "./outputs_1.2B_{slug}",
+        "clearml_task": "GPT-1.2B-{name}-10B",
+    },
 }
 
 
@@ -88,8 +122,10 @@ class ReleaseGPT(nn.Module):
         self.wte = nn.Embedding(cfg["vocab_size"], C)
         self.wpe = nn.Embedding(P, C)
         self.drop = nn.Dropout(cfg["embd_pdrop"])
-        self.h = nn.ModuleList(_Block(family, C, G, P, cfg["n_inner"], cfg["layer_norm_epsilon"], cfg["use_bias"])
-                               for _ in range(cfg["n_layer"]))
+        self.h = nn.ModuleList(
+            _Block(family, C, G, P, cfg["n_inner"], cfg["layer_norm_epsilon"], cfg["use_bias"])
+            for _ in range(cfg["n_layer"])
+        )
         self.ln_f = nn.LayerNorm(C, eps=cfg["layer_norm_epsilon"])
         if not cfg["tie_word_embeddings"]:
             self.lm_head = nn.Linear(C, cfg["vocab_size"], bias=False)
@@ -103,27 +139,54 @@ class DDP(nn.Module):
         self.module = module
 
 
-def model_config(variant: str, *, vocab_size: int = 50304, n_positions: int = 2048, n_layer: int = 20,
-                 n_embd: int = 1024, n_head: int = 16, n_inner: int = 4096, use_bias: bool = True,
-                 tie_word_embeddings: bool = True, initializer_range: float = 0.02) -> dict[str, Any]:
+def model_config(
+    variant: str,
+    *,
+    vocab_size: int = 50304,
+    n_positions: int = 2048,
+    n_layer: int = 20,
+    n_embd: int = 1024,
+    n_head: int = 16,
+    n_inner: int = 4096,
+    use_bias: bool = True,
+    tie_word_embeddings: bool = True,
+    initializer_range: float = 0.02,
+) -> dict[str, Any]:
     """asdict(ModelConfig) of the variant's script, fields in its order."""
     family = _family(variant)
-    spec = ModelSpec.from_paper_name(variant, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                     vocab_size=vocab_size, max_positions=n_positions)
-    cfg: dict[str, Any] = dict(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_embd=n_embd,
-                               n_head=n_head)
+    spec = ModelSpec.from_paper_name(
+        variant,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        max_positions=n_positions,
+    )
+    cfg: dict[str, Any] = dict(
+        vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_embd=n_embd, n_head=n_head
+    )
     if family in GROUPED:
         cfg["n_kv_groups"] = spec.n_kv_head
-    cfg.update(n_inner=n_inner, embd_pdrop=0.0, resid_pdrop=0.1, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-               initializer_range=initializer_range, use_bias=use_bias, tie_word_embeddings=tie_word_embeddings,
-               use_flash_attention=True)
+    cfg.update(
+        n_inner=n_inner,
+        embd_pdrop=0.0,
+        resid_pdrop=0.1,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        initializer_range=initializer_range,
+        use_bias=use_bias,
+        tie_word_embeddings=tie_word_embeddings,
+        use_flash_attention=True,
+    )
     return cfg
 
 
 def train_config(variant: str, scale: str = "300m") -> dict[str, Any]:
     name = canonical_variant(variant)
-    slug = name.lower().replace("=", "_").replace("-", "_")
-    return {k: v.format(slug=slug, name=name) if isinstance(v, str) else v for k, v in TRAIN_CONFIG[scale].items()}
+    return {
+        k: v.format(slug=variant_slug(name), name=name) if isinstance(v, str) else v
+        for k, v in TRAIN_CONFIG[scale].items()
+    }
 
 
 def build(cfg: dict[str, Any], variant: str, seed: int = 0, drift: float = 0.0) -> ReleaseGPT:
@@ -152,8 +215,11 @@ def adamw_state(model: nn.Module, train_cfg: dict[str, Any], steps: int = 1, see
     (at most one gradient alive: a 1.2B model's state fits beside its weights) and assembled into
     the one-group state dict a single optimizer writes; tests check that the two are equal."""
     gen = torch.Generator().manual_seed(seed)
-    hyper = dict(lr=train_cfg["learning_rate"], betas=(train_cfg["beta1"], train_cfg["beta2"]),
-                 weight_decay=train_cfg["weight_decay"])
+    hyper = dict(
+        lr=train_cfg["learning_rate"],
+        betas=(train_cfg["beta1"], train_cfg["beta2"]),
+        weight_decay=train_cfg["weight_decay"],
+    )
     params = list(model.parameters())
     state: dict[int, Any] = {}
     group: dict[str, Any] = {}
@@ -169,8 +235,17 @@ def adamw_state(model: nn.Module, train_cfg: dict[str, Any], steps: int = 1, see
     return {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
 
 
-def write_checkpoint(path: str | os.PathLike, variant: str, *, kind: str = "training", scale: str = "300m",
-                     seed: int = 0, step: int = 7000, drift: float = 0.0, **dims: Any) -> Path:
+def write_checkpoint(
+    path: str | os.PathLike,
+    variant: str,
+    *,
+    kind: str = "training",
+    scale: str = "300m",
+    seed: int = 0,
+    step: int = 7000,
+    drift: float = 0.0,
+    **dims: Any,
+) -> Path:
     """Write `variant` with random weights as the release's training checkpoint (kind="training":
     checkpoint_step_N.pt with the AdamW state) or its final one (kind="final": final_model.pt with
     val_metrics). dims override model_config fields (default: the paper-300m shape)."""
@@ -178,8 +253,12 @@ def write_checkpoint(path: str | os.PathLike, variant: str, *, kind: str = "trai
     tcfg = train_config(variant, scale)
     model = build(cfg, variant, seed, drift)
     tokens_per_step = tcfg["micro_batch_size"] * cfg["n_positions"] * tcfg["gradient_accumulation"] * 8
-    ckpt: dict[str, Any] = {"step": step, "epoch": 0, "tokens_seen": step * tokens_per_step,
-                            "model_state_dict": DDP(model).state_dict()}
+    ckpt: dict[str, Any] = {
+        "step": step,
+        "epoch": 0,
+        "tokens_seen": step * tokens_per_step,
+        "model_state_dict": DDP(model).state_dict(),
+    }
     if kind == "training":
         ckpt["optimizer_state_dict"] = adamw_state(model, tcfg, seed=seed)
     elif kind == "final":

@@ -9,6 +9,7 @@ data), so cache positions are set, not computed. That keeps each process short e
 every configuration several times in fresh processes within the 30-minute budget.
 One thread for every backend: on this shared 2-core machine two XNNPACK threads swung 3x run to run.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,15 +49,12 @@ class _Torch:
     """A qkvx Runner (eager-kv over the checkpoint, or the .pte through ExecuTorch)."""
 
     def __init__(self, backend: str, path: Path, max_seq_len: int):
-        from qkvx.harness.runners import get_runner, one_thread_runner, use_one_thread
+        from qkvx.harness.runners import one_thread_runner
 
         if backend.startswith("pte"):  # pte-fp32, pte-8da4w
             self.runner = one_thread_runner("pte", path)
         else:
-            import qkvx
-
-            use_one_thread("eager")
-            self.runner = get_runner("eager-kv")(qkvx.load(path), max_seq_len)
+            self.runner = one_thread_runner("eager-kv", path, max_seq_len=max_seq_len)
 
     def prefill(self, tokens: np.ndarray) -> None:
         self.runner.reset()
@@ -76,14 +74,14 @@ class _EagerCat:
     def __init__(self, path: Path):
         import torch
 
-        import qkvx
-        from qkvx.harness.runners import use_one_thread
-        from qkvx.rewrite import OnnxDecodeModel
+        from qkvx.decode import OnnxDecodeModel
+        from qkvx.harness.runners import one_thread
+        from qkvx.loaders import load
 
-        use_one_thread("eager")
+        one_thread("eager")
 
         self.torch = torch
-        self.model = OnnxDecodeModel(qkvx.load(path)).eval()
+        self.model = OnnxDecodeModel(load(path)).eval()
         spec, layout = self.model.spec, self.model.layout
         self.shape, self.n = (1, spec.n_kv_head, 0, spec.head_dim), spec.n_layer * layout.tensors_per_layer
 
@@ -96,8 +94,9 @@ class _EagerCat:
         ids = t.as_tensor(np.asarray(tokens), dtype=t.long)[None]
         T = ids.shape[1]
         with t.no_grad():
-            logits, *self.past = self.model(ids, t.ones(1, self.pos + T, dtype=t.long),
-                                            t.arange(self.pos, self.pos + T)[None], *self.past)
+            logits, *self.past = self.model(
+                ids, t.ones(1, self.pos + T, dtype=t.long), t.arange(self.pos, self.pos + T)[None], *self.past
+            )
         self.pos += T
         return logits[0]
 
@@ -109,8 +108,9 @@ class _EagerCat:
         return int(self._run([token])[-1].argmax())
 
 
-def measure(backend: str, path: Path, contexts: list[int], steps: int, prefill_tokens: int,
-            max_seq_len: int) -> dict:
+def measure(
+    backend: str, path: Path, contexts: list[int], steps: int, prefill_tokens: int, max_seq_len: int
+) -> dict:
     from qkvx.bench.suite import BACKENDS
 
     b = BACKENDS[backend]
@@ -132,11 +132,24 @@ def measure(backend: str, path: Path, contexts: list[int], steps: int, prefill_t
             token = rt.decode(token)
             times.append((time.perf_counter() - t0) * 1e3)
         decode[str(c)] = statistics.median(times[2:])
-    return {"prefill_tokens_per_s": prefill_tokens / prefill_s, "decode_ms": decode,
-            "peak_rss_bytes": vm_hwm()}
+    return {
+        "prefill_tokens_per_s": prefill_tokens / prefill_s,
+        "decode_ms": decode,
+        "peak_rss_bytes": vm_hwm(),
+    }
 
 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
-    print(json.dumps(measure(a["backend"], Path(a["path"]), a["contexts"], a["steps"], a["prefill_tokens"],
-                             a["max_seq_len"])))
+    print(
+        json.dumps(
+            measure(
+                a["backend"],
+                Path(a["path"]),
+                a["contexts"],
+                a["steps"],
+                a["prefill_tokens"],
+                a["max_seq_len"],
+            )
+        )
+    )

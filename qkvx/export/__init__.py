@@ -1,1 +1,3 @@
-"""Exporters (ExecuTorch .pte, ONNX) and the manifest written beside every artifact."""
+"""Exporters: the decode form lowered to an ExecuTorch .pte (executorch.py) or an ONNX graph
+(onnx.py, its op translations and weight quantization), each read back and checked against the
+cache layout the spec says. The orchestration around them is qkvx.pipeline."""

@@ -1,13 +1,14 @@
 """ExecuTorch export: (torchao weight quantization) -> torch.export -> XNNPACK lowering -> .pte with
 the cache as mutable buffers.
 
-Uses ExecuTorch's LLM custom ops (llama::update_cache, llama::custom_sdpa): measured here, plain-op
-static caches lowered to XNNPACK decode 3-5x slower than eager. A K=V layer keeps ONE buffer, passed
+Uses ExecuTorch's LLM custom ops (llama::update_cache, llama::custom_sdpa): plain-op static caches
+lowered to XNNPACK decode several times slower than eager. A K=V layer keeps ONE buffer, passed
 as key and value cache, so the planned cache memory exactly halves. An int8 cache keeps an int8
 buffer and an fp32 scale buffer per cache tensor and attends through llama::custom_quantized_sdpa
-(qkvx.rewrite). After lowering the program is checked: the custom ops are in it and it holds
+(qkvx.decode). After lowering the program is checked: the custom ops are in it and it holds
 exactly the cache buffers (count and bytes) that qkvx.spec.cache_layout says.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from qkvx.decode import DecodeModel
 from qkvx.errors import QkvxError
 from qkvx.models.transformer import Transformer
-from qkvx.rewrite import DecodeModel
 from qkvx.spec import ModelSpec, cache_layout
 
 
@@ -38,7 +39,7 @@ class PtePlan:
     planned_bytes: int  # sum of non_const_buffer_sizes: activations + caches
     operators: list[str] = field(default_factory=list)
     # int8 constants outside any delegate, [1, T, G, 1]: the zero points an int8 cache's kernel
-    # reads (all zero, ONE tensor shared by every layer; qkvx.rewrite.DecodeModel)
+    # reads (all zero, ONE tensor shared by every layer; qkvx.decode.DecodeModel)
     zero_points: list[list[int]] = field(default_factory=list)
 
     @property
@@ -46,9 +47,14 @@ class PtePlan:
         return sum(math.prod(s) for s in self.zero_points)
 
     def to_dict(self) -> dict:
-        return {"cache_buffers": self.cache_buffers, "cache_bytes": self.cache_bytes,
-                "zero_points": self.zero_points, "zero_point_bytes": self.zero_point_bytes,
-                "planned_bytes": self.planned_bytes, "operators": self.operators}
+        return {
+            "cache_buffers": self.cache_buffers,
+            "cache_bytes": self.cache_bytes,
+            "zero_points": self.zero_points,
+            "zero_point_bytes": self.zero_point_bytes,
+            "planned_bytes": self.planned_bytes,
+            "operators": self.operators,
+        }
 
 
 def read_plan(pte: bytes | str | Path) -> PtePlan:
@@ -71,7 +77,9 @@ def read_plan(pte: bytes | str | Path) -> PtePlan:
         program = _flatbuffer_to_program(data)
         plans = [p for p in program.execution_plan if p.name == "forward"]
     except Exception as e:  # the flatbuffer parser raises many types on a corrupt file
-        raise QkvxError(f"not a readable .pte program ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise QkvxError(
+            f"not a readable .pte program ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if not plans:
         raise QkvxError("the .pte program has no 'forward' method")
     plan = plans[0]
@@ -84,11 +92,21 @@ def read_plan(pte: bytes | str | Path) -> PtePlan:
         if info is not None and getattr(info, "fully_qualified_name", None):
             buffers[info.fully_qualified_name] = list(t.sizes)
             nbytes += math.prod(t.sizes) * _SCALAR_BYTES.get(int(t.scalar_type), 4)
-        elif (getattr(t, "data_buffer_idx", 0) and int(t.scalar_type) == _CHAR and len(t.sizes) == 4
-              and t.sizes[0] == 1 and t.sizes[3] == 1):  # a constant int8 [1, T, G, 1]
+        elif (
+            getattr(t, "data_buffer_idx", 0)
+            and int(t.scalar_type) == _CHAR
+            and len(t.sizes) == 4
+            and t.sizes[0] == 1
+            and t.sizes[3] == 1
+        ):  # a constant int8 [1, T, G, 1]
             zero_points.append(list(t.sizes))
-    return PtePlan(cache_buffers=buffers, cache_bytes=nbytes, planned_bytes=sum(plan.non_const_buffer_sizes),
-                   operators=sorted({op.name for op in plan.operators}), zero_points=zero_points)
+    return PtePlan(
+        cache_buffers=buffers,
+        cache_bytes=nbytes,
+        planned_bytes=sum(plan.non_const_buffer_sizes),
+        operators=sorted({op.name for op in plan.operators}),
+        zero_points=zero_points,
+    )
 
 
 # executorch ScalarType codes -> bytes (Byte, Char, Short, Int, Long, Half, Float, Double, ..., BFloat16)
@@ -96,8 +114,9 @@ _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 15: 2}
 _CHAR = 1  # int8
 
 
-def constant_methods(max_seq_len: int, prefill_chunk: int, eos_ids: list[int], vocab_size: int,
-                     n_layers: int) -> dict:
+def constant_methods(
+    max_seq_len: int, prefill_chunk: int, eos_ids: list[int], vocab_size: int, n_layers: int
+) -> dict:
     """The constants ExecuTorch's LLM runner reads (extension/llm/runner/constants.h). Note the
     runner's naming: get_max_seq_len is the prefill chunk it may pass at once, get_max_context_len
     the cache length."""
@@ -113,9 +132,19 @@ def constant_methods(max_seq_len: int, prefill_chunk: int, eos_ids: list[int], v
     }
 
 
-def export_pte(model: Transformer, path: str | Path, max_seq_len: int, prefill_chunk: int = 64,
-               eos_ids: list[int] | None = None, *, weights: str = "none", group_size: int = 32,
-               quantize_lm_head: bool = False, kv_cache: str = "fp32", inplace: bool = False) -> PtePlan:
+def export_pte(
+    model: Transformer,
+    path: str | Path,
+    max_seq_len: int,
+    prefill_chunk: int = 64,
+    eos_ids: list[int] | None = None,
+    *,
+    weights: str = "none",
+    group_size: int = 32,
+    quantize_lm_head: bool = False,
+    kv_cache: str = "fp32",
+    inplace: bool = False,
+) -> PtePlan:
     """Lower `model` to an XNNPACK-delegated .pte at `path`, with a static cache of max_seq_len tokens.
 
     forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab], 1 <= T <= prefill_chunk.
@@ -127,7 +156,9 @@ def export_pte(model: Transformer, path: str | Path, max_seq_len: int, prefill_c
 
     prefill_chunk = min(prefill_chunk, max_seq_len)
     if prefill_chunk < 2:
-        raise QkvxError(f"prefill chunk must be >= 2 (export specializes a length-1 sequence), got {prefill_chunk}")
+        raise QkvxError(
+            f"prefill chunk must be >= 2 (export specializes a length-1 sequence), got {prefill_chunk}"
+        )
     spec = model.spec
     quantized = quantize_for_pte(model.eval(), weights, group_size, quantize_lm_head, inplace=inplace)
     decode = DecodeModel(quantized, max_seq_len, kv_cache).eval()
@@ -142,8 +173,14 @@ def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long)
 
 
-def lower_decode(decode: torch.nn.Module, spec: ModelSpec, path: str | Path, max_seq_len: int, prefill_chunk: int,
-                 eos_ids: list[int] | None = None) -> None:
+def lower_decode(
+    decode: torch.nn.Module,
+    spec: ModelSpec,
+    path: str | Path,
+    max_seq_len: int,
+    prefill_chunk: int,
+    eos_ids: list[int] | None = None,
+) -> None:
     """torch.export a decode-form module (DecodeModel, or a graph module with its forward) with a
     dynamic sequence of 1..prefill_chunk tokens, delegate to XNNPACK, write the program to `path`
     (streamed: joining it into one bytes object first would hold another copy of the weights)."""
@@ -159,15 +196,18 @@ def lower_decode(decode: torch.nn.Module, spec: ModelSpec, path: str | Path, max
         ep,
         partitioner=[XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),  # custom ops are not core ATen
-        constant_methods=constant_methods(max_seq_len, prefill_chunk, eos_ids or [], spec.vocab_size,
-                                          spec.n_layer),
+        constant_methods=constant_methods(
+            max_seq_len, prefill_chunk, eos_ids or [], spec.vocab_size, spec.n_layer
+        ),
     )
-    program = edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),  # the caller owns inputs
-        run_reinplace_pass=True,  # update_cache writes into the buffer, no copy-back
-        emit_mutable_buffer_names=True,  # so the plan names each cache buffer
-    ))
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),  # the caller owns inputs
+            run_reinplace_pass=True,  # update_cache writes into the buffer, no copy-back
+            emit_mutable_buffer_names=True,  # so the plan names each cache buffer
+        )
+    )
     with open(path, "wb") as f:
         program.write_to_file(f)
 
@@ -180,18 +220,26 @@ def check_plan(plan: PtePlan, spec: ModelSpec, max_seq_len: int, kv_cache: str =
     ops = custom_ops(spec, kv_cache)
     missing = [op for op in ops if op not in plan.operators]
     if missing:
-        raise QkvxError(f"export check: custom op(s) {', '.join(missing)} missing from the program "
-                        f"(the cache would run on slow plain ops)")
-    undelegated = [op for op in plan.operators if op not in ops and ("quantize" in op or "choose_qparams" in op)]
+        raise QkvxError(
+            f"export check: custom op(s) {', '.join(missing)} missing from the program "
+            f"(the cache would run on slow plain ops)"
+        )
+    undelegated = [
+        op for op in plan.operators if op not in ops and ("quantize" in op or "choose_qparams" in op)
+    ]
     if undelegated:
         raise QkvxError(f"export check: quantized op(s) {', '.join(undelegated)} not delegated to XNNPACK")
     want_zp = [[1, max_seq_len, spec.n_kv_head, 1]] if "llama::custom_quantized_sdpa" in ops else []
     if plan.zero_points != want_zp:
-        raise QkvxError(f"export check: program holds int8 zero-point constants {plan.zero_points}; "
-                        f"expected {want_zp} (one shared by every layer)")
+        raise QkvxError(
+            f"export check: program holds int8 zero-point constants {plan.zero_points}; "
+            f"expected {want_zp} (one shared by every layer)"
+        )
     layout = cache_layout(spec, kv_cache)
     want = layout.n_layer * layout.tensors_per_layer * (2 if layout.scale_bytes_per_head else 1)
     if len(plan.cache_buffers) != want or plan.cache_bytes != layout.bytes_at(max_seq_len):
-        raise QkvxError(f"export check: program holds {len(plan.cache_buffers)} cache buffers of "
-                        f"{plan.cache_bytes} bytes; the {spec.paper_name} spec says {want} of "
-                        f"{layout.bytes_at(max_seq_len)} bytes ({kv_cache} cache)")
+        raise QkvxError(
+            f"export check: program holds {len(plan.cache_buffers)} cache buffers of "
+            f"{plan.cache_bytes} bytes; the {spec.paper_name} spec says {want} of "
+            f"{layout.bytes_at(max_seq_len)} bytes ({kv_cache} cache)"
+        )

@@ -1,32 +1,32 @@
 """ONNX export: OnnxDecodeModel through torch.onnx (dynamo) -> model.onnx [+ model.onnx.data].
 
-The graph follows DESIGN.md 4 and the optimum naming: inputs input_ids, attention_mask, position_ids
-and per layer past_key_values.{i}.kv (k = v: ONE tensor) or .key / .value; outputs logits and
-present.{i}.*. Batch, sequence and past length are dynamic, and past length 0 is the prefill, so
-one graph serves prefill and decode. With an int8 cache each cache tensor is int8 with an fp32
-`_scale` [batch, kv_heads, past, 1] beside it. After saving, the graph is read back and checked:
-exactly the cache inputs and outputs the spec's cache layout says, with its kv heads, head dim,
-dtypes and bytes per token. Weight quantization (qkvx.quant.onnx_weights) rewrites the saved graph
-and checks it again with the same functions.
+The graph follows the ONNX contract of docs/architecture.md and the optimum naming: inputs
+input_ids, attention_mask, position_ids and per layer past_key_values.{i}.kv (k = v: ONE tensor) or
+.key / .value; outputs logits and present.{i}.*. Batch, sequence and past length are dynamic, and
+past length 0 is the prefill, so one graph serves prefill and decode. With an int8 cache each cache
+tensor is int8 with an fp32 `_scale` [batch, kv_heads, past, 1] beside it. After saving, the graph
+is read back and checked: exactly the cache inputs and outputs the spec's cache layout says, with
+its kv heads, head dim, dtypes and bytes per token. Weight quantization (qkvx.export.onnx_quant)
+rewrites the saved graph and checks it again with the same functions.
 """
+
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-import qkvx
+from qkvx.decode import OnnxDecodeModel, cache_io_names
 from qkvx.errors import QkvxError
+from qkvx.export.onnx_translations import attention_translations
 from qkvx.models.transformer import Transformer
-from qkvx.rewrite import OnnxDecodeModel, cache_io_names
 from qkvx.spec import CacheLayout, ModelSpec, cache_layout
+from qkvx.util import check_max_seq_len, quiet
+from qkvx.version import __version__
 
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 # Dimension names as optimum writes them, so tools that read optimum graphs read ours.
@@ -58,12 +58,19 @@ class OnnxGraph:
     def cache_bytes_per_token(self) -> int:
         """Bytes one token adds to the cache: per cache input, the static dims (kv heads x head dim)
         times the element size; the symbolic batch and past dims are excluded."""
-        return sum(math.prod(d for d in shape if isinstance(d, int)) * _ELEM_BYTES[dtype]
-                   for dtype, shape in self.cache_inputs.values())
+        return sum(
+            math.prod(d for d in shape if isinstance(d, int)) * _ELEM_BYTES[dtype]
+            for dtype, shape in self.cache_inputs.values()
+        )
 
     def to_dict(self) -> dict:
-        return {"cache_inputs": {n: {"dtype": dtype, "shape": shape} for n, (dtype, shape) in self.cache_inputs.items()},
-                "cache_bytes_per_token": self.cache_bytes_per_token(), "weight_matmuls": self.weight_matmuls}
+        return {
+            "cache_inputs": {
+                n: {"dtype": dtype, "shape": shape} for n, (dtype, shape) in self.cache_inputs.items()
+            },
+            "cache_bytes_per_token": self.cache_bytes_per_token(),
+            "weight_matmuls": self.weight_matmuls,
+        }
 
 
 def read_graph(path: str | Path) -> OnnxGraph:
@@ -80,8 +87,10 @@ def read_graph(path: str | Path) -> OnnxGraph:
         out = {}
         for v in values:
             t = v.type.tensor_type
-            out[v.name] = (str(tensor_dtype_to_np_dtype(t.elem_type)),
-                           [d.dim_param or d.dim_value for d in t.shape.dim])
+            out[v.name] = (
+                str(tensor_dtype_to_np_dtype(t.elem_type)),
+                [d.dim_param or d.dim_value for d in t.shape.dim],
+            )
         return out
 
     # Weights: initializers and what nodes compute from them alone (a tied lm_head's Transpose).
@@ -90,9 +99,13 @@ def read_graph(path: str | Path) -> OnnxGraph:
         if n.op_type == "Constant" or (n.input and all(i in weights for i in n.input)):
             weights.update(n.output)
     matmuls = sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input))
-    return OnnxGraph(inputs=io(proto.graph.input), outputs=io(proto.graph.output),
-                     metadata={p.key: p.value for p in proto.metadata_props},
-                     op_counts=dict(Counter(n.op_type for n in proto.graph.node)), weight_matmuls=matmuls)
+    return OnnxGraph(
+        inputs=io(proto.graph.input),
+        outputs=io(proto.graph.output),
+        metadata={p.key: p.value for p in proto.metadata_props},
+        op_counts=dict(Counter(n.op_type for n in proto.graph.node)),
+        weight_matmuls=matmuls,
+    )
 
 
 def cache_tensor_type(layout: CacheLayout, name: str) -> tuple[str, int]:
@@ -112,22 +125,32 @@ def check_graph(graph: OnnxGraph, spec: ModelSpec, kv_cache: str = "fp32") -> No
     past, present = cache_io_names(layout)
     want_in, want_out = ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
     if list(graph.inputs) != want_in or list(graph.outputs) != want_out:
-        raise QkvxError(f"export check: graph inputs {list(graph.inputs)} / outputs {list(graph.outputs)} "
-                        f"are not the contract's {want_in} / {want_out}")
+        raise QkvxError(
+            f"export check: graph inputs {list(graph.inputs)} / outputs {list(graph.outputs)} "
+            f"are not the contract's {want_in} / {want_out}"
+        )
     for name, (dtype, shape) in {**graph.cache_inputs, **{n: graph.outputs[n] for n in present}}.items():
         want_dtype, last = cache_tensor_type(layout, name)
         if dtype != want_dtype or len(shape) != 4 or shape[1] != layout.kv_heads or shape[3] != last:
-            raise QkvxError(f"export check: {name} is {dtype} {shape}; the {spec.paper_name} spec with a "
-                            f"{kv_cache} cache says {want_dtype} [batch, {layout.kv_heads}, seq, {last}]")
+            raise QkvxError(
+                f"export check: {name} is {dtype} {shape}; the {spec.paper_name} spec with a "
+                f"{kv_cache} cache says {want_dtype} [batch, {layout.kv_heads}, seq, {last}]"
+            )
     if graph.cache_bytes_per_token() != layout.bytes_per_token:
-        raise QkvxError(f"export check: the graph's cache holds {graph.cache_bytes_per_token()} bytes per "
-                        f"token; the spec says {layout.bytes_per_token}")
+        raise QkvxError(
+            f"export check: the graph's cache holds {graph.cache_bytes_per_token()} bytes per "
+            f"token; the spec says {layout.bytes_per_token}"
+        )
 
 
 def onnx_metadata(spec: ModelSpec, max_seq_len: int, kv_cache: str = "fp32") -> dict[str, str]:
-    """metadata_props (DESIGN.md 4), plus the context length the export was made for."""
-    return {"qkvx.spec": spec.to_json(), "qkvx.cache": json.dumps(cache_layout(spec, kv_cache).to_dict()),
-            "qkvx.version": qkvx.__version__, "qkvx.max_seq_len": str(max_seq_len)}
+    """metadata_props (docs/architecture.md), plus the context length the export was made for."""
+    return {
+        "qkvx.spec": spec.to_json(),
+        "qkvx.cache": json.dumps(cache_layout(spec, kv_cache).to_dict()),
+        "qkvx.version": __version__,
+        "qkvx.max_seq_len": str(max_seq_len),
+    }
 
 
 def _example(decode: OnnxDecodeModel):
@@ -141,26 +164,19 @@ def _example(decode: OnnxDecodeModel):
         dtype, last = cache_tensor_type(layout, name)
         past.append(torch.zeros(B, spec.n_kv_head, P, last, dtype=dtypes[dtype]))
     past = tuple(past)
-    args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),
-            (torch.arange(P, P + T) % spec.max_positions).expand(B, T).contiguous(), *past)
-    shapes = ({0: BATCH, 1: SEQ}, {0: BATCH, 1: TOTAL}, {0: BATCH, 1: SEQ},
-              tuple({0: BATCH, 2: PAST} for _ in past))  # *past is one tuple argument to torch.export
+    args = (
+        torch.zeros(B, T, dtype=torch.long),
+        torch.ones(B, P + T, dtype=torch.long),
+        (torch.arange(P, P + T) % spec.max_positions).expand(B, T).contiguous(),
+        *past,
+    )
+    shapes = (
+        {0: BATCH, 1: SEQ},
+        {0: BATCH, 1: TOTAL},
+        {0: BATCH, 1: SEQ},
+        tuple({0: BATCH, 2: PAST} for _ in past),
+    )  # *past is one tuple argument to torch.export
     return args, shapes
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter logs a warning per torchvision op it skips and warns about dim names shared
-    across inputs: noise for the user, whose export either works or raises."""
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        log.setLevel(level)
 
 
 def _tidy(model) -> None:
@@ -200,8 +216,14 @@ def _fold_transposes(graph) -> None:
 
     for node in list(graph):  # topological order: an inner Transpose is already folded
         inner = node.inputs[0].producer() if node.op_type == "Transpose" and node.inputs else None
-        if inner is None or inner.op_type != "Transpose" or "perm" not in node.attributes \
-                or "perm" not in inner.attributes or node.domain or inner.domain:
+        if (
+            inner is None
+            or inner.op_type != "Transpose"
+            or "perm" not in node.attributes
+            or "perm" not in inner.attributes
+            or node.domain
+            or inner.domain
+        ):
             continue
         first, second = inner.attributes["perm"].as_ints(), node.attributes["perm"].as_ints()
         perm = [first[i] for i in second]  # out axis i = x axis first[second[i]]
@@ -212,119 +234,45 @@ def _fold_transposes(graph) -> None:
             node.attributes["perm"] = ir.AttrInt64s("perm", perm)
 
 
-def _fused_attention_translation() -> dict:
-    """qkvx::grouped_attention -> com.microsoft MultiHeadAttention (onnxruntime's fused kernel),
-    num_heads = kv heads, key and value in the cache layout [B, G, S, D]: a K=V layer passes its
-    ONE cache tensor as both. onnx has no schema for the contrib op; declare the inputs used."""
-    import onnxscript
-    from onnx.defs import OpSchema
-
-    P, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    schema = OpSchema(
-        "MultiHeadAttention", "com.microsoft", 1,
-        inputs=[P("query", "T"), P("key", "T", param_option=optional), P("value", "T", param_option=optional),
-                P("bias", "T", param_option=optional), P("key_padding_mask", "M", param_option=optional),
-                P("attention_bias", "T", param_option=optional)],
-        outputs=[P("output", "T")],
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
-    mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
-
-    def translate(query, key, value, bias, scale: float):
-        return mha(query, key, value, None, None, bias, num_heads=key.shape[1], scale=scale)
-
-    return {torch.ops.qkvx.grouped_attention.default: translate}
-
-
-def _attention_translations() -> dict:
-    """qkvx::rotary_rows -> com.microsoft RotaryEmbedding (x [B, G, S, D] in the 4-D layout,
-    position_ids [B, S], half tables [max_positions, D / 2]); qkvx::cached_attention[_kv] ->
-    qkvx.CachedAttention (the custom op of qkvx.export.ortops), plus the MultiHeadAttention one."""
-    import onnxscript
-    from onnx.defs import OpSchema
-
-    P, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    rotary_schema = OpSchema(
-        "RotaryEmbedding", "com.microsoft", 1,
-        inputs=[P("input", "T"), P("position_ids", "M"), P("cos_cache", "T"), P("sin_cache", "T")],
-        outputs=[P("output", "T")],
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int64)"], "")],
-        attributes=[OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, "")])
-    rotary = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", rotary_schema)
-
-    def cached_schema(outputs: int) -> OpSchema:
-        from qkvx.export.ortops import DOMAIN, OP
-
-        return OpSchema(
-            OP, DOMAIN, 1,
-            inputs=[P("query", "T"), P("past_key", "T"), P("key", "T"), P("past_value", "T", param_option=optional),
-                    P("value", "T", param_option=optional), P("attention_mask", "M"),
-                    P("cos_cache", "T", param_option=optional), P("sin_cache", "T", param_option=optional)],
-            outputs=[P("output", "T"), P("present_key", "T")] + ([P("present_value", "T")] if outputs == 3 else []),
-            type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int64)"], "")],
-            attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-                        OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-                        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
-
-    from qkvx.export.ortops import DOMAIN, OP
-
-    opset = onnxscript.values.Opset(DOMAIN, 1)
-    cached_kv, cached = (onnxscript.values.Op(opset, OP, cached_schema(n)) for n in (2, 3))
-
-    def translate_rotary(x, positions, cos, sin):
-        # Each kv head's rows as one sequence ([B * G, S, D], one head): onnxruntime's CPU kernel walks
-        # (batch, position, head) with the head innermost, which on the [B, G, S, D] layout would jump
-        # between G places of the cache at every row (measured 4x slower at 16k than rows in order).
-        from onnxscript import opset18 as op
-
-        shape = op.Shape(x)
-        B, G, S, D = (op.Slice(shape, [i], [i + 1]) for i in range(4))
-        rows = op.Reshape(x, op.Concat(op.Mul(B, G), S, D, axis=0))
-        pos = op.Reshape(op.Expand(op.Unsqueeze(positions, [1]), op.Concat(B, G, S, axis=0)),
-                         op.Concat(op.Mul(B, G), S, axis=0))
-        return op.Reshape(rotary(rows, pos, cos, sin, interleaved=0), shape)
-
-    def translate_cached_kv(query, past, key, attention_mask, cos, sin, num_heads: int, scale: float):
-        return cached_kv(query, past, key, None, None, attention_mask, cos, sin, num_heads=num_heads,
-                         kv_num_heads=past.shape[1], scale=scale)
-
-    def translate_cached(query, past_key, key, past_value, value, attention_mask, num_heads: int, scale: float):
-        return cached(query, past_key, key, past_value, value, attention_mask, num_heads=num_heads,
-                      kv_num_heads=past_key.shape[1], scale=scale)
-
-    return {**_fused_attention_translation(), torch.ops.qkvx.rotary_rows.default: translate_rotary,
-            torch.ops.qkvx.cached_attention_kv.default: translate_cached_kv,
-            torch.ops.qkvx.cached_attention.default: translate_cached}
-
-
-def export_onnx(model: Transformer, out_dir: str | Path, max_seq_len: int | None = None,
-                external_data: bool | None = None, fused_attention: bool = False,
-                kv_cache: str = "fp32", attention: str | None = None) -> tuple[list[str], OnnxGraph]:
+def export_onnx(
+    model: Transformer,
+    out_dir: str | Path,
+    max_seq_len: int | None = None,
+    external_data: bool | None = None,
+    kv_cache: str = "fp32",
+    attention: str = "plain",
+) -> tuple[list[str], OnnxGraph]:
     """Export `model` to out_dir/model.onnx (weights in model.onnx.data when external_data, by
-    default when they exceed EXTERNAL_DATA_BYTES). fused_attention: attention as onnxruntime's
-    contrib MultiHeadAttention (the graph then needs onnxruntime). attention (overrides
-    fused_attention; qkvx.rewrite.ONNX_ATTENTION): plain, mha, rotary (mha, and a RoPE K=V layer's
-    keys rotated by onnxruntime's RotaryEmbedding), custom (qkvx.CachedAttention: the graph
-    needs onnxruntime and qkvx's op library, qkvx.export.ortops). kv_cache: fp32 or int8 (int8
-    tensors with `_scale` tensors beside them). Returns the files written and the checked graph."""
+    default when they exceed EXTERNAL_DATA_BYTES). attention (recipes.ATTENTION["onnx"]): plain
+    ONNX ops; mha (onnxruntime's MultiHeadAttention); rotary (mha, and a RoPE K=V layer's keys rotated
+    by onnxruntime's RotaryEmbedding); custom (qkvx.CachedAttention: the graph needs onnxruntime and
+    qkvx's op library, qkvx.export.ortops). mha / rotary / custom graphs need onnxruntime. kv_cache:
+    fp32 or int8 (int8 tensors with `_scale` tensors beside them). Returns the files written and the
+    checked graph."""
     import onnx_ir as ir
 
     spec = model.spec
-    max_seq_len = max_seq_len or spec.max_positions
-    if not 1 <= max_seq_len <= spec.max_positions:
-        raise QkvxError(f"max_seq_len {max_seq_len} must be between 1 and the model's max_positions "
-                        f"({spec.max_positions})")
-    decode = OnnxDecodeModel(model.eval(), fused_attention, kv_cache, attention).eval()
+    max_seq_len = check_max_seq_len(max_seq_len or spec.max_positions, spec.max_positions)
+    decode = OnnxDecodeModel(model.eval(), kv_cache, attention).eval()
     args, shapes = _example(decode)
-    with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(decode, args, dynamo=True, input_names=decode.input_names,
-                                    output_names=decode.output_names, dynamic_shapes=shapes, verbose=False,
-                                    custom_translation_table=_attention_translations())
+    # the exporter warns per skipped op and about shared dim names: the export either works or raises
+    with torch.no_grad(), quiet("torch.onnx"):
+        program = torch.onnx.export(
+            decode,
+            args,
+            dynamo=True,
+            input_names=decode.input_names,
+            output_names=decode.output_names,
+            dynamic_shapes=shapes,
+            verbose=False,
+            custom_translation_table=attention_translations(),
+        )
     _tidy(program.model)
     graph = program.model.graph
     for value in list(graph.outputs)[1:]:  # presents: name the exporter's "past + seq" sum once
-        value.shape = ir.Shape([BATCH, spec.n_kv_head, TOTAL, cache_tensor_type(decode.layout, value.name)[1]])
+        value.shape = ir.Shape(
+            [BATCH, spec.n_kv_head, TOTAL, cache_tensor_type(decode.layout, value.name)[1]]
+        )
     program.model.metadata_props.update(onnx_metadata(spec, max_seq_len, kv_cache))
     if external_data is None:
         external_data = sum(v.const_value.nbytes for v in graph.initializers.values()) > EXTERNAL_DATA_BYTES
@@ -343,8 +291,13 @@ def save_proto(proto, out_dir: str | Path, external_data: bool | None = None) ->
     if external_data is None:
         external_data = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     (out_dir / DATA_FILE).unlink(missing_ok=True)
-    onnx.save(proto, str(out_dir / ONNX_FILE), save_as_external_data=external_data,
-              all_tensors_to_one_file=True, location=DATA_FILE)  # small tensors stay inline
+    onnx.save(
+        proto,
+        str(out_dir / ONNX_FILE),
+        save_as_external_data=external_data,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+    )  # small tensors stay inline
     return [ONNX_FILE] + ([DATA_FILE] if external_data else [])
 
 

@@ -6,6 +6,7 @@ talks to it over pipes in the driver's frame protocol; the driver keeps the past
 between calls exactly as the host onnxruntime runner does (both use ort_feed.OrtStepper).
 Emulation costs time, not accuracy: the numbers are those of onnxruntime's arm64 kernels.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import selectors
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -45,24 +46,42 @@ def onnx_max_seq_len(path: Path) -> int:
     return int(json.loads(meta["qkvx.spec"])["max_positions"])
 
 
-@register("arm64")
+@register("arm64", formats=("onnx",))
 class Arm64Runner(Runner):
     """model.onnx on an emulated arm64 core: `cpu` (a qemu -cpu model), else the `device` profile's
     qemu_cpu, else Cortex-A76. threads: onnxruntime intra-op threads inside the emulator; 1 by
     default, since qemu-user runs guest threads on host cores and a tiny graph only pays the sync."""
 
-    def __init__(self, path: str | Path, cpu: str | None = None, device: str | None = None,
-                 threads: int = 1, cache_dir: str | Path | None = None):
-        super().__init__()
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        cpu: str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        **options: Any,
+    ):
+        super().__init__(path)
+        threads = threads or 1
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise QkvxError(f"{self.path}: no such ONNX file")
+        from qkvx.export.ortops import uses_custom_ops
+
+        if uses_custom_ops(self.path):
+            raise QkvxError(
+                f"{self.path}: runtime 'arm64' cannot run it: its qkvx.CachedAttention op library "
+                f"is built for the host only (export with onnx-fp32 or onnx-fp32-rotary for arm64)"
+            )
         if cpu is None and device is not None:
             from qkvx.devices import load_device
 
             profile = load_device(device)
             if not profile.qemu_cpu:
-                raise QkvxError(f"device {profile.name!r} is not an arm64 target (its profile has no qemu_cpu)")
+                raise QkvxError(
+                    f"device {profile.name!r} is not an arm64 target (its profile has no qemu_cpu)"
+                )
             cpu = profile.qemu_cpu
         self.cpu = cpu or DEFAULT_CPU
         self.threads, self.cache_dir = threads, cache_dir
@@ -77,13 +96,16 @@ class Arm64Runner(Runner):
         emulator.require(self.cache_dir)  # one line saying how to fix it, never a silent pass
         cmd = emulator.command([str(DRIVER), str(self.path), str(self.threads)], self.cpu, self.cache_dir)
         self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody has to drain it
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     env=emulator.env())
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=emulator.env()
+        )
         kind, payload = self._recv(START_TIMEOUT, "starting")
         if kind != b"H":
             self.close()
-            raise QkvxError(f"{self.path}: arm64 onnxruntime ({self.cpu}) cannot load this model: "
-                            f"{payload.decode(errors='replace')}")
+            raise QkvxError(
+                f"{self.path}: arm64 onnxruntime ({self.cpu}) cannot load this model: "
+                f"{payload.decode(errors='replace')}"
+            )
         self.info = json.loads(payload)
 
     def _recv(self, timeout: float, doing: str) -> tuple[bytes, bytes]:
@@ -107,8 +129,10 @@ class Arm64Runner(Runner):
             lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
             tail = f": {lines[-1].strip()[:300]}" if lines else ""
         self.close()
-        raise QkvxError(f"{self.path}: arm64 emulator ({self.cpu}) {doing}: {what}"
-                        f"{f' (exit code {code})' if code is not None else ''}{tail}")
+        raise QkvxError(
+            f"{self.path}: arm64 emulator ({self.cpu}) {doing}: {what}"
+            f"{f' (exit code {code})' if code is not None else ''}{tail}"
+        )
 
     def _request(self, kind: bytes, payload: bytes, doing: str) -> tuple[bytes, bytes]:
         if self.proc is None:
@@ -131,10 +155,14 @@ class Arm64Runner(Runner):
 
     def _forward(self, tokens: Tensor) -> Tensor:
         ids = tokens.detach().cpu().numpy().astype(np.int64)
-        kind, payload = self._request(b"S", to_npy(ids), f"running {len(ids)} token(s) at position {self.pos}")
+        kind, payload = self._request(
+            b"S", to_npy(ids), f"running {len(ids)} token(s) at position {self.pos}"
+        )
         if kind != b"L":
-            raise QkvxError(f"{self.path}: arm64 onnxruntime ({self.cpu}) at position {self.pos}: "
-                            f"{payload.decode(errors='replace')}")
+            raise QkvxError(
+                f"{self.path}: arm64 onnxruntime ({self.cpu}) at position {self.pos}: "
+                f"{payload.decode(errors='replace')}"
+            )
         return torch.from_numpy(from_npy(payload))
 
     def close(self) -> None:

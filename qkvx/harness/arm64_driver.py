@@ -14,6 +14,7 @@ length, then the payload; arrays travel as .npy bytes (dtype and shape included,
   any failure:                                                     -> E message (utf-8)
 EOF on stdin ends the driver.
 """
+
 from __future__ import annotations
 
 import io
@@ -80,8 +81,13 @@ def serve(model: str, threads: int, inp, out) -> int:
     except Exception as e:  # the host turns this into one QkvxError line
         write_frame(out, b"E", _error(e))
         return 1
-    hello = {"machine": platform.machine(), "python": platform.python_version(),
-             "onnxruntime": ort.__version__, "numpy": np.__version__, "max_seq_len": stepper.max_seq_len}
+    hello = {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "max_seq_len": stepper.max_seq_len,
+    }
     write_frame(out, b"H", json.dumps(hello).encode())
     while (frame := read_frame(inp)) is not None:
         kind, payload = frame

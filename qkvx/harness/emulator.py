@@ -1,4 +1,4 @@
-"""The arm64 emulator (issue 7): Debian bookworm's arm64 python3.11 plus onnxruntime and numpy
+"""The arm64 emulator: Debian bookworm's arm64 python3.11 plus onnxruntime and numpy
 aarch64 wheels from PyPI, run under qemu-aarch64-static. `python -m qkvx.harness.emulator setup|status`.
 
 The user land is built without binfmt_misc (often not mounted in containers and CI sandboxes):
@@ -11,6 +11,7 @@ onnxruntime crashes at import under qemu-user unless /proc/cpuinfo describes an 
 passes the host's x86 text through), so every run is wrapped in a private mount namespace with an
 ARM cpuinfo for the emulated core bind-mounted over /proc/cpuinfo: that needs root.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -44,15 +45,20 @@ SITE = f"usr/local/lib/python{PYTHON}/dist-packages"  # on Debian python's sys.p
 # the ISA features it really uses come from the auxv HWCAPs, which qemu sets from -cpu.
 _V80 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"
 _V82 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
-_V9 = (_V82.replace("asimdrdm lrcpc", "asimdrdm jscvt fcma lrcpc") + " sha3 sm3 sm4 sha512 sve asimdfhm dit"
-       " uscat ilrcpc flagm ssbs sb paca pacg dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2"
-       " frint svei8mm svebf16 i8mm bf16 dgh rng bti")
+_V9 = (
+    _V82.replace("asimdrdm lrcpc", "asimdrdm jscvt fcma lrcpc") + " sha3 sm3 sm4 sha512 sve asimdfhm dit"
+    " uscat ilrcpc flagm ssbs sb paca pacg dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2"
+    " frint svei8mm svebf16 i8mm bf16 dgh rng bti"
+)
 CORES = {
-    "cortex-a35": (0x41, 0x0, 0xd04, 2, _V80), "cortex-a53": (0x41, 0x0, 0xd03, 4, _V80),
-    "cortex-a57": (0x41, 0x1, 0xd07, 3, _V80), "cortex-a72": (0x41, 0x0, 0xd08, 3, _V80),
-    "cortex-a76": (0x41, 0x4, 0xd0b, 1, _V82), "neoverse-n1": (0x41, 0x3, 0xd0c, 1, _V82 + " ssbs"),
+    "cortex-a35": (0x41, 0x0, 0xD04, 2, _V80),
+    "cortex-a53": (0x41, 0x0, 0xD03, 4, _V80),
+    "cortex-a57": (0x41, 0x1, 0xD07, 3, _V80),
+    "cortex-a72": (0x41, 0x0, 0xD08, 3, _V80),
+    "cortex-a76": (0x41, 0x4, 0xD0B, 1, _V82),
+    "neoverse-n1": (0x41, 0x3, 0xD0C, 1, _V82 + " ssbs"),
     "a64fx": (0x46, 0x1, 0x001, 0, _V82.replace("aes pmull ", "").replace("dcpop asimddp", "fcma dcpop sve")),
-    "max": (0x41, 0x0, 0xd4f, 0, _V9),  # shown as a Neoverse-V2 (Armv9.0), the ISA qemu's max reaches
+    "max": (0x41, 0x0, 0xD4F, 0, _V9),  # shown as a Neoverse-V2 (Armv9.0), the ISA qemu's max reaches
 }
 
 
@@ -69,10 +75,14 @@ class EmulatorInfo:
         if not self.ready:
             return "arm64 emulator: not ready\n" + "\n".join(f"  - {m}" for m in self.missing)
         v = self.versions
-        how = {"installed": f" (set up in {self.setup_seconds or 0:.0f} s)",
-               "ready": " (already set up: nothing to do)"}.get(self.action, "")
-        return (f"arm64 emulator: ready{how}: Debian {v.get('suite')} python {v.get('python')}, "
-                f"onnxruntime {v.get('onnxruntime')}, numpy {v.get('numpy')}, {v.get('qemu')}; {self.cache_dir}")
+        how = {
+            "installed": f" (set up in {self.setup_seconds or 0:.0f} s)",
+            "ready": " (already set up: nothing to do)",
+        }.get(self.action, "")
+        return (
+            f"arm64 emulator: ready{how}: Debian {v.get('suite')} python {v.get('python')}, "
+            f"onnxruntime {v.get('onnxruntime')}, numpy {v.get('numpy')}, {v.get('qemu')}; {self.cache_dir}"
+        )
 
 
 def _cache(cache_dir) -> Path:
@@ -101,8 +111,10 @@ def tool_problems(need_debootstrap: bool) -> list[str]:
     if need_debootstrap and not KEYRING.exists():
         out.append(f"{KEYRING} not found: apt-get install -y debian-archive-keyring")
     if os.geteuid() != 0:
-        out.append("not root: the emulator bind-mounts an ARM /proc/cpuinfo in a mount namespace "
-                   "(and debootstrap needs root); run as root")
+        out.append(
+            "not root: the emulator bind-mounts an ARM /proc/cpuinfo in a mount namespace "
+            "(and debootstrap needs root); run as root"
+        )
     return out
 
 
@@ -138,8 +150,9 @@ def debian_mirror() -> str:
             continue
         text = re.sub(r"#.*", "", f.read_text(errors="replace"))
         # one-line format: `deb [opts] URI suite ...`; deb822 format: `URIs: URI ...`
-        uris = re.findall(r"^\s*deb\s+(?:\[[^]]*]\s+)?(\S+)", text, re.M) + \
-            [u for line in re.findall(r"^URIs:(.*)$", text, re.M) for u in line.split()]
+        uris = re.findall(r"^\s*deb\s+(?:\[[^]]*]\s+)?(\S+)", text, re.M) + [
+            u for line in re.findall(r"^URIs:(.*)$", text, re.M) for u in line.split()
+        ]
         for uri in uris:
             if "debian" in uri and "security" not in uri and "ubuntu" not in uri:
                 return uri.rstrip("/")
@@ -159,9 +172,12 @@ def cpuinfo_text(cpu: str) -> str:
         n = int(Path("/sys/devices/system/cpu/present").read_text().strip().split("-")[-1].split(",")[-1]) + 1
     except (OSError, ValueError):
         n = os.cpu_count() or 1
-    return "".join(f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: {impl:#x}\n"
-                   f"CPU architecture: 8\nCPU variant\t: {variant:#x}\nCPU part\t: {part:#05x}\n"
-                   f"CPU revision\t: {rev}\n\n" for i in range(n))
+    return "".join(
+        f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: {impl:#x}\n"
+        f"CPU architecture: 8\nCPU variant\t: {variant:#x}\nCPU part\t: {part:#05x}\n"
+        f"CPU revision\t: {rev}\n\n"
+        for i in range(n)
+    )
 
 
 def command(argv: list[str], cpu: str = "cortex-a76", cache_dir=None) -> list[str]:
@@ -176,29 +192,59 @@ def command(argv: list[str], cpu: str = "cortex-a76", cache_dir=None) -> list[st
         os.replace(tmp, info)  # atomic: runners starting concurrently never see half a file
     root = rootfs(cache)
     # The mount lives in the new namespace only, and dies with the process.
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-            'mount --bind "$1" /proc/cpuinfo && shift && exec "$@"', "sh", str(info),
-            shutil.which(QEMU) or QEMU, "-cpu", cpu, "-L", str(root), str(root / "usr/bin/python3"), *argv]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        'mount --bind "$1" /proc/cpuinfo && shift && exec "$@"',
+        "sh",
+        str(info),
+        shutil.which(QEMU) or QEMU,
+        "-cpu",
+        cpu,
+        "-L",
+        str(root),
+        str(root / "usr/bin/python3"),
+        *argv,
+    ]
 
 
 def env() -> dict[str, str]:
     """A clean environment: the host's PYTHONPATH / venv would point python3 at x86 packages."""
-    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-            "HOME": os.environ.get("HOME", "/root"), "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": os.environ.get("HOME", "/root"),
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
 
 
-def _run(cmd: list[str], what: str, fix: str, log: Path | None = None, timeout: float = 600,
-         environ: dict | None = None) -> str:
+def _run(
+    cmd: list[str],
+    what: str,
+    fix: str,
+    log: Path | None = None,
+    timeout: float = 600,
+    environ: dict | None = None,
+) -> str:
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           env=environ or {**os.environ, "LC_ALL": "C"})  # C: errors to match on
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=environ or {**os.environ, "LC_ALL": "C"}
+        )  # C: errors to match on
     except subprocess.TimeoutExpired:
         raise QkvxError(f"{what} timed out after {timeout:.0f} s: {fix}") from None
     if log:
         log.write_text(p.stdout + p.stderr)
     if p.returncode:
         lines = [ln for ln in (p.stderr + p.stdout).splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if ln.startswith(("E:", "ERROR"))), lines[-1] if lines else "")
+        why = next(
+            (ln for ln in reversed(lines) if ln.startswith(("E:", "ERROR"))), lines[-1] if lines else ""
+        )
         raise QkvxError(f"{what} failed ({why.strip()[:200]}): {fix}" + (f" (log: {log})" if log else ""))
     return p.stdout
 
@@ -206,16 +252,32 @@ def _run(cmd: list[str], what: str, fix: str, log: Path | None = None, timeout: 
 def _build_rootfs(cache: Path, mirror: str) -> None:
     part = cache / "rootfs.partial"
     shutil.rmtree(part, ignore_errors=True)
-    _run(["debootstrap", "--arch=arm64", "--variant=minbase", "--foreign", "--include=python3",
-          SUITE, str(part), mirror], f"debootstrap {SUITE} arm64 from {mirror}",
-         "check the network, or set QKVX_DEBIAN_MIRROR to a reachable Debian mirror", cache / "debootstrap.log")
+    _run(
+        [
+            "debootstrap",
+            "--arch=arm64",
+            "--variant=minbase",
+            "--foreign",
+            "--include=python3",
+            SUITE,
+            str(part),
+            mirror,
+        ],
+        f"debootstrap {SUITE} arm64 from {mirror}",
+        "check the network, or set QKVX_DEBIAN_MIRROR to a reachable Debian mirror",
+        cache / "debootstrap.log",
+    )
     archives = part / "var/cache/apt/archives"
     for deb in sorted(archives.glob("*.deb")):  # the second stage's unpacking, done on the host
         # --skip-old-files: the first stage already unpacked the required set; --keep-directory-
         # symlink: keep the merged-/usr links (/bin -> usr/bin) that packages still ship paths under
         dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-        tar = subprocess.run(["tar", "--skip-old-files", "--keep-directory-symlink", "-xf", "-", "-C", str(part)],
-                             stdin=dpkg.stdout, capture_output=True, text=True)
+        tar = subprocess.run(
+            ["tar", "--skip-old-files", "--keep-directory-symlink", "-xf", "-", "-C", str(part)],
+            stdin=dpkg.stdout,
+            capture_output=True,
+            text=True,
+        )
         dpkg.stdout.close()
         if dpkg.wait() or tar.returncode:
             raise QkvxError(f"unpacking {deb.name} failed ({tar.stderr.strip()[:200]}): {FIX_SETUP} --force")
@@ -229,13 +291,38 @@ def _build_rootfs(cache: Path, mirror: str) -> None:
 def _install_wheels(cache: Path, want: dict) -> None:
     wheels = cache / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
-    plats = [a for p in ("manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_27_aarch64",
-                         "manylinux_2_17_aarch64") for a in ("--platform", p)]
+    plats = [
+        a
+        for p in (
+            "manylinux2014_aarch64",
+            "manylinux_2_28_aarch64",
+            "manylinux_2_27_aarch64",
+            "manylinux_2_17_aarch64",
+        )
+        for a in ("--platform", p)
+    ]
     reqs = [f"{d}=={want[d]}" for d in PINS]
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *plats,
-          "--python-version", PYTHON.replace(".", ""), "--implementation", "cp", "-d", str(wheels), *reqs],
-         f"pip download of aarch64 wheels ({', '.join(reqs)})", "check access to PyPI (pip config / proxy)",
-         cache / "pip.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            *plats,
+            "--python-version",
+            PYTHON.replace(".", ""),
+            "--implementation",
+            "cp",
+            "-d",
+            str(wheels),
+            *reqs,
+        ],
+        f"pip download of aarch64 wheels ({', '.join(reqs)})",
+        "check access to PyPI (pip config / proxy)",
+        cache / "pip.log",
+    )
     site = rootfs(cache) / SITE
     shutil.rmtree(site, ignore_errors=True)  # ours alone: Debian's own packages live in usr/lib
     for whl in sorted(wheels.glob("*.whl")):  # a wheel is its site-packages tree, zipped
@@ -263,18 +350,32 @@ def setup(cache_dir=None, force: bool = False) -> EmulatorInfo:
         if force or not (rootfs(cache) / "usr/bin/python3").exists():
             _build_rootfs(cache, mirror)
         _install_wheels(cache, want)
-        probe = "import json, platform, numpy, onnxruntime as o; print(json.dumps([platform.machine(), " \
-                "platform.python_version(), o.__version__, numpy.__version__]))"
-        out = _run(command(["-c", probe], "cortex-a76", cache), "the emulated smoke test (import onnxruntime)",
-                   f"check that `unshare -m` works here (root with CAP_SYS_ADMIN), then {FIX_SETUP} --force",
-                   timeout=300, environ=env())
+        probe = (
+            "import json, platform, numpy, onnxruntime as o; print(json.dumps([platform.machine(), "
+            "platform.python_version(), o.__version__, numpy.__version__]))"
+        )
+        out = _run(
+            command(["-c", probe], "cortex-a76", cache),
+            "the emulated smoke test (import onnxruntime)",
+            f"check that `unshare -m` works here (root with CAP_SYS_ADMIN), then {FIX_SETUP} --force",
+            timeout=300,
+            environ=env(),
+        )
         machine, pyver, ort_v, np_v = json.loads(out.strip().splitlines()[-1])
         if machine != "aarch64" or (ort_v, np_v) != (want["onnxruntime"], want["numpy"]):
-            raise QkvxError(f"emulated smoke test reports {machine} onnxruntime {ort_v} numpy {np_v}, "
-                            f"want aarch64 {want['onnxruntime']} {want['numpy']}: {FIX_SETUP} --force")
+            raise QkvxError(
+                f"emulated smoke test reports {machine} onnxruntime {ort_v} numpy {np_v}, "
+                f"want aarch64 {want['onnxruntime']} {want['numpy']}: {FIX_SETUP} --force"
+            )
         qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-        stamp = {**want, "python": ".".join(pyver.split(".")[:2]), "python_full": pyver, "mirror": mirror,
-                 "qemu": qemu, "setup_seconds": round(time.perf_counter() - t0, 1)}
+        stamp = {
+            **want,
+            "python": ".".join(pyver.split(".")[:2]),
+            "python_full": pyver,
+            "mirror": mirror,
+            "qemu": qemu,
+            "setup_seconds": round(time.perf_counter() - t0, 1),
+        }
         (cache / "stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")
     info = status(cache)
     info.action, info.setup_seconds = "installed", stamp["setup_seconds"]

@@ -1,4 +1,5 @@
 """Token generation through any runner: greedy or temperature / top-k sampling, with timings."""
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,15 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: tor
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
 
 
-def generate(runner: Runner, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0, eos_ids: tuple[int, ...] = ()) -> Generation:
+def generate(
+    runner: Runner,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    eos_ids: tuple[int, ...] = (),
+) -> Generation:
     """Prefill the prompt, then decode one token at a time until max_new_tokens, an EOS id, or the
     runner's max_seq_len (never past it)."""
     gen = torch.Generator().manual_seed(seed)

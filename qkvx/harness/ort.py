@@ -1,16 +1,19 @@
-"""onnxruntime runner: an exported model.onnx (DESIGN.md 4) on the host CPU, batch 1.
+"""onnxruntime runner: an exported model.onnx (the ONNX contract) on the host CPU, batch 1.
 
 The feeds and the past -> present hand-over are ort_feed.OrtStepper's, the same code the arm64
 emulator driver runs: one tensor per K=V layer is carried from call to call.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from qkvx.errors import QkvxError
+from qkvx.export.ortops import DOMAIN, library_path
 from qkvx.harness.ort_feed import OrtStepper
 from qkvx.harness.runners import Runner, register
 
@@ -26,26 +29,36 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from qkvx.export import ortops
-
-    if ortops.uses_custom_ops(path):  # qkvx.CachedAttention: the library built from qkvx/export/ortops
-        opts.register_custom_ops_library(str(ortops.library_path()))
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types
-        raise QkvxError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0]})") from None
+        if f"{DOMAIN}:" not in str(e):
+            raise _cannot_load(path, e) from None
+    # the graph uses qkvx's op domain (qkvx.CachedAttention): register its library and load again.
+    # Asked only then: reading the graph up front to look would hold a copy of its weights.
+    opts.register_custom_ops_library(str(library_path()))
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise _cannot_load(path, e) from None
 
 
-@register("onnx")
+def _cannot_load(path, e: Exception) -> QkvxError:
+    return QkvxError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0]})")
+
+
+@register("onnx", formats=("onnx",))
 class OrtRunner(Runner):
     """model.onnx through onnxruntime: prefill and decode are the same graph (past length 0 or not).
 
-    Plain session.run: IO binding (presents kept as OrtValues, bound as the next past) measured no
-    faster here, since run() hands the outputs to numpy without copying the cache."""
+    Plain session.run: IO binding (presents kept as OrtValues, bound as the next past) was no
+    faster (README), since run() hands the outputs to numpy without copying the cache."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
-        super().__init__()
-        self.session = ort_session(path, threads)
+    def __init__(
+        self, path: str | Path, *, threads: int | None = None, optimize: bool = True, **options: Any
+    ):
+        super().__init__(path)
+        self.session = ort_session(path, threads, optimize)
         if "qkvx.spec" not in self.session.get_modelmeta().custom_metadata_map:
             raise QkvxError(f"{path}: not a qkvx ONNX export (no qkvx.spec in its metadata_props)")
         try:

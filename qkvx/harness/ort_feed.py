@@ -1,4 +1,4 @@
-"""Feeds for a qkvx model.onnx (DESIGN.md 4), batch 1, in numpy only.
+"""Feeds for a qkvx model.onnx (the ONNX contract, docs/architecture.md), batch 1, in numpy only.
 
 Shared by the host onnxruntime runner and the arm64 driver that runs inside the emulator, where
 there is no torch and no qkvx package: this module imports nothing but json and numpy, so both
@@ -12,6 +12,7 @@ An int8 cache adds a float `_scale` input [1, kv_heads, past, 1] after each int8
 empty past of every input is derived from the graph's own names, element types and dims, so any
 number of cache tensors of any dtype is carried from call to call without knowing what they mean.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ import numpy as np
 
 PAST_PREFIX = "past_key_values."
 # onnxruntime reports element types as strings: float caches, int8 caches and their float scales.
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
 SCALE_SUFFIX = "_scale"  # an int8 cache tensor's per-token scales: last dim 1
 
 
@@ -65,9 +71,12 @@ def build_feed(tokens: np.ndarray, pos: int, past: dict[str, np.ndarray]) -> dic
     """The inputs of one call appending `tokens` [T] after `pos` cached positions."""
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     T = len(tokens)
-    return {"input_ids": tokens[None],
-            "attention_mask": np.ones((1, pos + T), np.int64),
-            "position_ids": np.arange(pos, pos + T, dtype=np.int64)[None], **past}
+    return {
+        "input_ids": tokens[None],
+        "attention_mask": np.ones((1, pos + T), np.int64),
+        "position_ids": np.arange(pos, pos + T, dtype=np.int64)[None],
+        **past,
+    }
 
 
 class OrtStepper:
@@ -80,8 +89,10 @@ class OrtStepper:
         self.past_names = list(self.shapes)  # graph order = the order of the present outputs
         self.output_names = [o.name for o in session.get_outputs()]
         if len(self.output_names) != 1 + len(self.past_names):
-            raise ValueError(f"{len(self.output_names)} outputs for {len(self.past_names)} past inputs: "
-                             "expected logits plus one present per past")
+            raise ValueError(
+                f"{len(self.output_names)} outputs for {len(self.past_names)} past inputs: "
+                "expected logits plus one present per past"
+            )
         self.max_seq_len = max_seq_len(session)
         self.reset()
 
@@ -97,8 +108,10 @@ class OrtStepper:
         if len(tokens) == 0:
             raise ValueError("nothing to run: empty token sequence")
         if self.max_seq_len is not None and self.pos + len(tokens) > self.max_seq_len:
-            raise ValueError(f"context overflow: {self.pos} cached + {len(tokens)} new tokens exceed "
-                             f"max_seq_len {self.max_seq_len}")
+            raise ValueError(
+                f"context overflow: {self.pos} cached + {len(tokens)} new tokens exceed "
+                f"max_seq_len {self.max_seq_len}"
+            )
         return tokens
 
     def step(self, tokens: np.ndarray) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Parity: the same token stream through the eager reference (full recompute, no cache) and a
-runtime (prefill, then single-token decode steps). DESIGN.md 6.
+runtime (prefill, then single-token decode steps).
 
 One function serves export-time validation, `qkvx validate` and `qkvx eval`: windows of a token
 stream, each fed to the runtime as a prefill followed by teacher-forced decode steps, compared with
 ONE full forward of the eager model over the same window (causal, so position t's logits are the
 full recompute at step t). With text, perplexity of both and its relative change.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,12 +49,19 @@ def logit_stats(got: torch.Tensor, ref: torch.Tensor, gates: Gates) -> LogitStat
     agree = got.argmax(-1) == ref.argmax(-1)
     logp_ref, logp_got = F.log_softmax(ref, -1), F.log_softmax(got, -1)
     kl = (logp_ref.exp() * (logp_ref - logp_got)).sum(-1).clamp(min=0.0)  # [N]
-    return LogitStats(positions=len(ref), max_abs_dlogit=(got - ref).abs().max().item(), max_abs_logit=ml,
-                      tie_margin=margin, near_ties=int((~decisive).sum()),
-                      top1=agree[decisive].double().mean().item() if decisive.any() else 1.0,
-                      top1_all=agree.double().mean().item(), flips=int((~agree).sum()),
-                      kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
-                      gap_noise_p50=torch.quantile(gap_noise, 0.5).item())
+    return LogitStats(
+        positions=len(ref),
+        max_abs_dlogit=(got - ref).abs().max().item(),
+        max_abs_logit=ml,
+        tie_margin=margin,
+        near_ties=int((~decisive).sum()),
+        top1=agree[decisive].double().mean().item() if decisive.any() else 1.0,
+        top1_all=agree.double().mean().item(),
+        flips=int((~agree).sum()),
+        kl_mean=kl.mean().item(),
+        kl_p99=torch.quantile(kl, 0.99).item(),
+        gap_noise_p50=torch.quantile(gap_noise, 0.5).item(),
+    )
 
 
 @dataclass
@@ -85,20 +93,37 @@ class Parity:
     def from_dict(cls, d: dict) -> "Parity":
         return cls(**d)
 
+    def checks(self) -> dict[str, str]:
+        """Each check (the gate names of `failed`; kl covers kl_p99) with its measured values."""
+        out = {
+            "dlogit": f"max |dlogit| {self.max_abs_dlogit:.3g}"
+            + (f" (bound {self.bound:.3g})" if self.bound is not None else " (no gate)"),
+            "top1": f"top-1 {self.top1_agreement:.4f} ({self.near_ties} of {self.positions} near "
+            "ties excluded)",
+            "kl": f"KL(reference || runtime) mean {self.kl_mean:.3g}, p99 {self.kl_p99:.3g}",
+        }
+        if self.ppl is not None:
+            out["ppl"] = (
+                f"perplexity {self.ppl:.4f} vs {self.ppl_ref:.4f} eager ({100 * self.ppl_change:+.2f} %)"
+            )
+        return out
+
     def describe(self) -> str:
         """One line with every measured value and, if any, the failed gates."""
-        parts = [f"max |dlogit| {self.max_abs_dlogit:.3g}" + (f" (bound {self.bound:.3g})" if self.bound is not None else ""),
-                 f"top-1 {self.top1_agreement:.3f} ({self.near_ties} of {self.positions} near ties excluded)",
-                 f"KL {self.kl_mean:.3g} (p99 {self.kl_p99:.3g})"]
-        if self.ppl is not None:
-            parts.append(f"perplexity {self.ppl:.3f} vs {self.ppl_ref:.3f} eager ({100 * self.ppl_change:+.2f} %)")
         verdict = "passed" if self.passed else f"gate(s) {', '.join(self.failed)} failed"
-        return f"{self.runtime}: {verdict}: {'; '.join(parts)}"
+        return f"{self.runtime}: {verdict}: {'; '.join(self.checks().values())}"
 
 
 @torch.no_grad()
-def check_parity(model: torch.nn.Module, runner: Runner, tokens: torch.Tensor, prefill: int, gates: Gates,
-                 windows: int = 1, text: bool = False) -> Parity:
+def check_parity(
+    model: torch.nn.Module,
+    runner: Runner,
+    tokens: torch.Tensor,
+    prefill: int,
+    gates: Gates,
+    windows: int = 1,
+    text: bool = False,
+) -> Parity:
     """Split `tokens` into `windows` equal windows; in each, prefill `prefill` tokens then decode the
     rest one at a time. Perplexity (with text=True) scores every next-token prediction."""
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
@@ -108,7 +133,7 @@ def check_parity(model: torch.nn.Module, runner: Runner, tokens: torch.Tensor, p
     gots, refs = [], []
     nll = nll_ref = 0.0
     for w in range(windows):
-        window = tokens[w * n:(w + 1) * n]
+        window = tokens[w * n : (w + 1) * n]
         ref = model.eval()(window[None])[0].float()  # [n, vocab]
         runner.reset()
         got = [runner.prefill(window[:prefill])]
@@ -123,15 +148,32 @@ def check_parity(model: torch.nn.Module, runner: Runner, tokens: torch.Tensor, p
     ppl_ref = math.exp(nll_ref / (windows * (n - 1))) if text else None
     change = ppl / ppl_ref - 1 if text else None
     bound = gates.bound(s.max_abs_logit) if gates.max_rel_dlogit is not None else None
-    checks = {"dlogit": bound is not None and s.max_abs_dlogit > bound,
-              "top1": s.top1 < gates.min_top1,
-              "ppl": gates.max_ppl_change is not None and change is not None and change > gates.max_ppl_change,
-              "kl": gates.max_kl is not None and s.kl_mean > gates.max_kl,
-              "kl_p99": gates.max_kl_p99 is not None and s.kl_p99 > gates.max_kl_p99}
+    checks = {
+        "dlogit": bound is not None and s.max_abs_dlogit > bound,
+        "top1": s.top1 < gates.min_top1,
+        "ppl": gates.max_ppl_change is not None and change is not None and change > gates.max_ppl_change,
+        "kl": gates.max_kl is not None and s.kl_mean > gates.max_kl,
+        "kl_p99": gates.max_kl_p99 is not None and s.kl_p99 > gates.max_kl_p99,
+    }
     failed = [name for name, bad in checks.items() if bad]
-    return Parity(runtime=runner.name, steps=windows * (1 + n - prefill), positions=s.positions,
-                  max_abs_dlogit=s.max_abs_dlogit, max_abs_logit=s.max_abs_logit,
-                  rel_dlogit=s.max_abs_dlogit / s.max_abs_logit if s.max_abs_logit else 0.0,
-                  top1_agreement=s.top1, top1_all=s.top1_all, near_ties=s.near_ties, tie_margin=s.tie_margin,
-                  kl_mean=s.kl_mean, kl_p99=s.kl_p99, gap_noise_p50=s.gap_noise_p50, bound=bound, ppl=ppl, ppl_ref=ppl_ref, ppl_change=change,
-                  passed=not failed, failed=failed)
+    return Parity(
+        runtime=runner.name,
+        steps=windows * (1 + n - prefill),
+        positions=s.positions,
+        max_abs_dlogit=s.max_abs_dlogit,
+        max_abs_logit=s.max_abs_logit,
+        rel_dlogit=s.max_abs_dlogit / s.max_abs_logit if s.max_abs_logit else 0.0,
+        top1_agreement=s.top1,
+        top1_all=s.top1_all,
+        near_ties=s.near_ties,
+        tie_margin=s.tie_margin,
+        kl_mean=s.kl_mean,
+        kl_p99=s.kl_p99,
+        gap_noise_p50=s.gap_noise_p50,
+        bound=bound,
+        ppl=ppl,
+        ppl_ref=ppl_ref,
+        ppl_change=change,
+        passed=not failed,
+        failed=failed,
+    )

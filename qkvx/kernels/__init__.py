@@ -18,6 +18,7 @@ Ops (caches are [1, G, S, D]: kv heads before tokens):
   attend(q fp32 [1,T,H,D], k_cache, v_cache?, k_scale?, v_scale?, rope_cos?, rope_sin?, start_pos)
       -> fp32 [1,T,H,D]; v_cache None = K=V; RoPE tables [P, D] rotate keys while reading.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,15 @@ from pathlib import Path
 from qkvx.kernels import _abi, ops
 from qkvx.kernels.build import KernelsBuildError, build, build_dir
 
-__all__ = ["build", "build_dir", "KernelsBuildError", "library_path", "set_num_threads",
-           "num_threads", "simd_path"]
+__all__ = [
+    "build",
+    "build_dir",
+    "KernelsBuildError",
+    "library_path",
+    "set_num_threads",
+    "num_threads",
+    "simd_path",
+]
 
 
 def library_path() -> Path:
@@ -58,5 +66,5 @@ def num_threads() -> int:
 
 
 def simd_path() -> str:
-    """"avx2", "neon" or "portable": the attention path this CPU takes (for D % 8 == 0)."""
+    """ "avx2", "neon" or "portable": the attention path this CPU takes (for D % 8 == 0)."""
     return _clib.qkvx_simd_path().decode()

@@ -1,5 +1,6 @@
 """python -m qkvx.kernels [--aarch64] [--tests] [--executorch-prefix DIR] [--out DIR]: build the
 kernel library (and qkvx_kernels_test) and print the library's path."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,14 @@ from qkvx.kernels.build import KernelsBuildError, build
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qkvx.kernels", description=__doc__)
-    ap.add_argument("--aarch64", action="store_true",
-                    help="cross-compile with aarch64-linux-gnu-g++ (default prefix: the aarch64 wheel, fetched once)")
-    ap.add_argument("--executorch-prefix", help="ExecuTorch include/ + lib/ directory (default: the installed wheel)")
+    ap.add_argument(
+        "--aarch64",
+        action="store_true",
+        help="cross-compile with aarch64-linux-gnu-g++ (default prefix: the aarch64 wheel, fetched once)",
+    )
+    ap.add_argument(
+        "--executorch-prefix", help="ExecuTorch include/ + lib/ directory (default: the installed wheel)"
+    )
     ap.add_argument("--tests", action="store_true", help="also build qkvx_kernels_test")
     ap.add_argument("--out", help="build directory (default: the cache directory the loader uses)")
     ap.add_argument("-j", "--jobs", type=int, default=2)

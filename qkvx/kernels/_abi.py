@@ -1,4 +1,5 @@
 """ctypes binding of the kernels' C ABI (csrc/include/qkvx/kernels.h)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -12,8 +13,12 @@ DTYPE_CODES = {torch.float32: 6, torch.float16: 5, torch.int8: 1}  # ScalarType 
 
 
 class CTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("ndim", ctypes.c_int32),
-                ("sizes", ctypes.c_int64 * 4)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("dtype", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("sizes", ctypes.c_int64 * 4),
+    ]
 
 
 _P = ctypes.POINTER(CTensor)

@@ -1,6 +1,7 @@
 """The aarch64 side of the kernels: ExecuTorch's aarch64 wheel (its lib/ and include/ only) to
 cross-link against, and the C++ unit tests run under qemu-aarch64-static in the arm64 user land of
 qkvx.harness.emulator."""
+
 from __future__ import annotations
 
 import fcntl
@@ -30,8 +31,21 @@ def executorch_prefix(cache: Path = CACHE) -> Path:
         if (prefix / "lib" / "libexecutorch.so").exists():
             return prefix
         dl = root / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--platform", "manylinux_2_28_aarch64",
-               "--python-version", "3.11", "--only-binary=:all:", f"executorch=={version}", "-d", str(dl)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--platform",
+            "manylinux_2_28_aarch64",
+            "--python-version",
+            "3.11",
+            "--only-binary=:all:",
+            f"executorch=={version}",
+            "-d",
+            str(dl),
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(dl.glob("executorch-*.whl"))
         if run.returncode or not wheels:
@@ -50,11 +64,14 @@ def build_tests(cache: Path = CACHE) -> Path:
     return lib.parent / "qkvx_kernels_test"
 
 
-def run_tests(binary: Path, rootfs: Path, cpu: str = "cortex-a76", timeout: float = 600) -> subprocess.CompletedProcess:
+def run_tests(
+    binary: Path, rootfs: Path, cpu: str = "cortex-a76", timeout: float = 600
+) -> subprocess.CompletedProcess:
     """The test binary on an emulated `cpu` (not qemu's `max`: its SME gave wrong int8 results
     for other kernels here)."""
     qemu = shutil.which("qemu-aarch64-static")
     if qemu is None:
         raise KernelsBuildError("qemu-aarch64-static not found: install the Debian package qemu-user-static")
-    return subprocess.run([qemu, "-cpu", cpu, "-L", str(rootfs), str(binary)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [qemu, "-cpu", cpu, "-L", str(rootfs), str(binary)], capture_output=True, text=True, timeout=timeout
+    )

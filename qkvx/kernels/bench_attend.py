@@ -19,6 +19,7 @@ the CPU time of all the process's threads per call: on a shared host, wall time 
 (1 thread) or above half of it (2 threads) means the threads waited for a core. Cases and thread
 counts are interleaved round by round and medians reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -52,7 +53,10 @@ def _qkvx_case(name, q, k, v=None, ks=None, vs=None, cos=None, sin=None) -> Case
 
     out = torch.empty_like(q)
     S = k.shape[2]
-    views = [_abi.view("bench", n, t) for n, t in zip("q k v ks vs cos sin".split(), (q, k, v, ks, vs, cos, sin))]
+    views = [
+        _abi.view("bench", n, t)
+        for n, t in zip("q k v ks vs cos sin".split(), (q, k, v, ks, vs, cos, sin), strict=False)
+    ]
     ov = _abi.view("bench", "out", out)
     args = [_abi.ref(x) for x in views] + [S - 1, _abi.ref(ov)]
     f, clib = K._clib.qkvx_attend, K._clib
@@ -72,6 +76,7 @@ def _llama_case(name, q, k, v) -> Case:
 
     def run():
         return torch.ops.llama.custom_sdpa(q, k, v, S - 1, None, 0.0, True)
+
     n = k.numel() * k.element_size() * (1 if v is k else 2)
     return Case(name, run, n)
 
@@ -154,8 +159,9 @@ class QuietNativeStderr:
         os.close(self.saved)
 
 
-def bench(contexts: list[int], threads: list[int], rounds: int, min_time: float, with_llama: bool,
-          log=print) -> tuple[list[dict], list[float]]:
+def bench(
+    contexts: list[int], threads: list[int], rounds: int, min_time: float, with_llama: bool, log=print
+) -> tuple[list[dict], list[float]]:
     import qkvx.kernels  # noqa: F401  (builds / loads the kernels)
 
     if with_llama:
@@ -179,33 +185,50 @@ def bench(contexts: list[int], threads: list[int], rounds: int, min_time: float,
         for case in cases:
             for t in threads:
                 med = statistics.median(case.times[t])
-                rows.append(dict(context=S, variant=case.name, threads=t, ms=med * 1e3,
-                                 cpu_ms=statistics.median(case.cpu[t]) * 1e3,
-                                 gbs=case.nbytes / med / 1e9, nbytes=case.nbytes,
-                                 spread=(min(case.times[t]) * 1e3, max(case.times[t]) * 1e3)))
+                rows.append(
+                    dict(
+                        context=S,
+                        variant=case.name,
+                        threads=t,
+                        ms=med * 1e3,
+                        cpu_ms=statistics.median(case.cpu[t]) * 1e3,
+                        gbs=case.nbytes / med / 1e9,
+                        nbytes=case.nbytes,
+                        spread=(min(case.times[t]) * 1e3, max(case.times[t]) * 1e3),
+                    )
+                )
         del cases
     return rows, streams
 
 
 def render(rows: list[dict], streams: list[float], threads: list[int]) -> str:
     stream = statistics.median(streams) / 1e9
-    lines = [f"Single-thread streaming read (numpy sum, 1 GiB): median {stream:.1f} GB/s "
-             f"(min {min(streams) / 1e9:.1f}, max {max(streams) / 1e9:.1f}, {len(streams)} samples)",
-             "", "| context | variant | threads | ms (median) | ms min..max | CPU ms | GB/s of cache | % stream | x vs 1 thread |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Single-thread streaming read (numpy sum, 1 GiB): median {stream:.1f} GB/s "
+        f"(min {min(streams) / 1e9:.1f}, max {max(streams) / 1e9:.1f}, {len(streams)} samples)",
+        "",
+        "| context | variant | threads | ms (median) | ms min..max | CPU ms | GB/s of cache | % "
+        "stream | x vs 1 thread |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     one = {(r["context"], r["variant"]): r["ms"] for r in rows if r["threads"] == 1}
     for r in rows:
         base = one.get((r["context"], r["variant"]))
         speedup = f"{base / r['ms']:.2f}" if base and r["threads"] != 1 else ""
-        lines.append(f"| {r['context']} | {r['variant']} | {r['threads']} | {r['ms']:.3f} | "
-                     f"{r['spread'][0]:.3f}..{r['spread'][1]:.3f} | {r['cpu_ms']:.3f} | {r['gbs']:.1f} | "
-                     f"{100 * r['gbs'] / stream:.0f} % | {speedup} |")
+        lines.append(
+            f"| {r['context']} | {r['variant']} | {r['threads']} | {r['ms']:.3f} | "
+            f"{r['spread'][0]:.3f}..{r['spread'][1]:.3f} | {r['cpu_ms']:.3f} | {r['gbs']:.1f} | "
+            f"{100 * r['gbs'] / stream:.0f} % | {speedup} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qkvx.kernels.bench_attend", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m qkvx.kernels.bench_attend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=7)

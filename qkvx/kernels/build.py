@@ -5,8 +5,9 @@ so an edited kernel is rebuilt and a stale one is never loaded:
   ~/.cache/qkvx/kernels/<arch>-<hash>/libqkvx_kernels.so   (QKVX_KERNELS_CACHE overrides the root)
 
     python -m qkvx.kernels [--tests]      # host library (+ qkvx_kernels_test)
-    python -m qkvx.kernels --aarch64 [--tests]   # cross build against the aarch64 wheel (qkvx.kernels.aarch64)
+    python -m qkvx.kernels --aarch64 [--tests]   # cross build, the aarch64 wheel (qkvx.kernels.aarch64)
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -63,12 +64,20 @@ def build_dir(aarch64: bool = False, prefix: Path | None = None) -> Path:
 def _require(tool: str, package: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        raise KernelsBuildError(f"{tool} not found: install the Debian package {package} (apt-get install {package})")
+        raise KernelsBuildError(
+            f"{tool} not found: install the Debian package {package} (apt-get install {package})"
+        )
     return path
 
 
-def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None, tests: bool = False,
-          jobs: int = 2, out: str | Path | None = None, verbose: bool = False) -> Path:
+def build(
+    aarch64: bool = False,
+    executorch_prefix_dir: str | Path | None = None,
+    tests: bool = False,
+    jobs: int = 2,
+    out: str | Path | None = None,
+    verbose: bool = False,
+) -> Path:
     """Configure and build csrc/ with the system compiler; returns the library's path.
 
     aarch64: cross-compile with aarch64-linux-gnu-g++ (executorch_prefix_dir must then be an
@@ -87,9 +96,17 @@ def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None
         stamp = bdir / (".built-tests" if tests else ".built")  # written only after a whole build
         if out is None and stamp.exists():
             return lib
-        configure = [cmake, "-S", str(CSRC), "-B", str(bdir), f"-DEXECUTORCH_PREFIX={prefix}",
-                     f"-DQKVX_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_CXX_COMPILER={compiler}"]
+        configure = [
+            cmake,
+            "-S",
+            str(CSRC),
+            "-B",
+            str(bdir),
+            f"-DEXECUTORCH_PREFIX={prefix}",
+            f"-DQKVX_BUILD_TESTS={'ON' if tests else 'OFF'}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_CXX_COMPILER={compiler}",
+        ]
         if aarch64:
             configure.append(f"-DCMAKE_TOOLCHAIN_FILE={CSRC / 'cmake' / 'aarch64-linux-gnu.cmake'}")
         print(f"qkvx.kernels: building {bdir} ...", file=sys.stderr, flush=True)
@@ -98,8 +115,9 @@ def build(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None
             run = subprocess.run(cmd, capture_output=not verbose, text=True)
             if run.returncode != 0:
                 tail = (run.stderr or run.stdout or "").strip().splitlines()[-15:] if not verbose else []
-                raise KernelsBuildError(f"building the qkvx kernels failed ({' '.join(cmd[:2])} ...):\n"
-                                        + "\n".join(tail))
+                raise KernelsBuildError(
+                    f"building the qkvx kernels failed ({' '.join(cmd[:2])} ...):\n" + "\n".join(tail)
+                )
         (bdir / ".built").touch()
         stamp.touch()
     return lib

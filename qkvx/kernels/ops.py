@@ -6,6 +6,7 @@ and the functional op returns a placeholder tensor. torch.export then records th
 on the cache buffer, ExecuTorch's to_executorch swaps in the .out variant the runtime registers
 (csrc/src/et_ops.cpp), and reinplacing keeps the buffer mutated in place across calls.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,7 +22,7 @@ SCHEMAS = {
     "update_cache": "(Tensor value, Tensor(a!) cache, SymInt start_pos)",
     "update_cache_int8": "(Tensor value, Tensor(a!) cache, Tensor(b!) scale, SymInt start_pos)",
     "attend": "(Tensor q, Tensor k_cache, Tensor? v_cache, Tensor? k_scale, Tensor? v_scale, "
-              "Tensor? rope_cos, Tensor? rope_sin, SymInt start_pos)",
+    "Tensor? rope_cos, Tensor? rope_sin, SymInt start_pos)",
 }
 _OUT_ALIAS = {"update_cache": "b", "update_cache_int8": "c", "attend": "a"}
 
@@ -41,22 +42,36 @@ def register(clib: ctypes.CDLL) -> None:
 
     def update_cache(value: Tensor, cache: Tensor, start_pos: int) -> Tensor:
         op = "qkvx::update_cache"
-        _abi.check(clib, clib.qkvx_update_cache(_abi.ref(_abi.view(op, "value", value)),
-                                                _abi.ref(_abi.view(op, "cache", cache)), int(start_pos)))
+        _abi.check(
+            clib,
+            clib.qkvx_update_cache(
+                _abi.ref(_abi.view(op, "value", value)),
+                _abi.ref(_abi.view(op, "cache", cache)),
+                int(start_pos),
+            ),
+        )
         return value.new_empty((1,))
 
     def update_cache_int8(value: Tensor, cache: Tensor, scale: Tensor, start_pos: int) -> Tensor:
         op = "qkvx::update_cache_int8"
-        _abi.check(clib, clib.qkvx_update_cache_int8(
-            _abi.ref(_abi.view(op, "value", value)), _abi.ref(_abi.view(op, "cache", cache)),
-            _abi.ref(_abi.view(op, "scale", scale)), int(start_pos)))
+        _abi.check(
+            clib,
+            clib.qkvx_update_cache_int8(
+                _abi.ref(_abi.view(op, "value", value)),
+                _abi.ref(_abi.view(op, "cache", cache)),
+                _abi.ref(_abi.view(op, "scale", scale)),
+                int(start_pos),
+            ),
+        )
         return value.new_empty((1,))
 
     def attend_into(out: Tensor, q, k_cache, v_cache, k_scale, v_scale, rope_cos, rope_sin, start_pos):
         op = "qkvx::attend"
         names = ("q", "k_cache", "v_cache", "k_scale", "v_scale", "rope_cos", "rope_sin")
-        views = [_abi.view(op, n, t) for n, t in
-                 zip(names, (q, k_cache, v_cache, k_scale, v_scale, rope_cos, rope_sin))]
+        views = [
+            _abi.view(op, n, t)
+            for n, t in zip(names, (q, k_cache, v_cache, k_scale, v_scale, rope_cos, rope_sin), strict=False)
+        ]
         ov = _abi.view(op, "out", out)
         _abi.check(clib, clib.qkvx_attend(*[_abi.ref(v) for v in views], int(start_pos), _abi.ref(ov)))
         return out
@@ -72,7 +87,9 @@ def register(clib: ctypes.CDLL) -> None:
     lib.impl("update_cache", update_cache, "CPU")
     lib.impl("update_cache.out", lambda v, c, p, *, out: (update_cache(v, c, p), out)[1], "CPU")
     lib.impl("update_cache_int8", update_cache_int8, "CPU")
-    lib.impl("update_cache_int8.out", lambda v, c, s, p, *, out: (update_cache_int8(v, c, s, p), out)[1], "CPU")
+    lib.impl(
+        "update_cache_int8.out", lambda v, c, s, p, *, out: (update_cache_int8(v, c, s, p), out)[1], "CPU"
+    )
     lib.impl("attend", attend, "CPU")
     lib.impl("attend.out", attend_out, "CPU")
 

@@ -2,6 +2,7 @@
 
 Loading never executes code from a file: torch.load(weights_only=True), safetensors preferred.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,10 @@ def read_checkpoint(path: str | os.PathLike, ignore_config_keys: tuple[str, ...]
         return hf.read(p)
     if p.is_file():
         return paper.read(p, tuple(ignore_config_keys))
-    raise QkvxError(f"{p}: not a model (expected a paper .pt file, a Hugging Face folder with "
-                    f"config.json, or a qkvx folder with {native.SPEC_FILE})")
+    raise QkvxError(
+        f"{p}: not a model (expected a paper .pt file, a Hugging Face folder with "
+        f"config.json, or a qkvx folder with {native.SPEC_FILE})"
+    )
 
 
 def load(path: str | os.PathLike, ignore_config_keys: tuple[str, ...] = ()):

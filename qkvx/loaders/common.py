@@ -1,4 +1,5 @@
 """What every loader shares: a (ModelSpec, state dict in qkvx names) pair becomes a checked model."""
+
 from __future__ import annotations
 
 import pickle
@@ -63,8 +64,20 @@ def _short(keys: list[str], n: int = 4) -> str:
 # ---- helpers shared by the paper and Hugging Face readers --------------------------------------
 # Everything a corrupt or hostile pickle can raise under weights_only=True: the zip reader
 # (RuntimeError), an empty file (EOFError), garbage bytes (KeyError / ValueError / ...).
-_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
-                IndexError, TypeError, AttributeError, ImportError, UnicodeDecodeError, struct.error)
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    UnicodeDecodeError,
+    struct.error,
+)
 
 
 def torch_load(path: Path) -> Any:
@@ -85,11 +98,16 @@ def torch_load(path: Path) -> Any:
         if "WeightsUnpickler error:" in why:
             # torch's message advises weights_only=False (the opposite of what we want); the line
             # after this marker says what the unpickler refused.
-            why = next((ln.strip() for ln in why.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()), "")
+            why = next(
+                (ln.strip() for ln in why.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()),
+                "",
+            )
             if why.startswith("Unsupported global"):
                 name = why.split()[3] if len(why.split()) > 3 else "?"
-                raise QkvxError(f"{path}: refused: the pickle needs code to load ({name}), and qkvx never "
-                                f"runs code from a file (torch.load weights_only=True)") from None
+                raise QkvxError(
+                    f"{path}: refused: the pickle needs code to load ({name}), and qkvx never "
+                    f"runs code from a file (torch.load weights_only=True)"
+                ) from None
         why = (why.splitlines() or [""])[0].split(". ")[0][:160] or "empty or truncated"
         raise QkvxError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
 
@@ -108,7 +126,7 @@ def strip_prefixes(state: dict[str, Any], prefixes: tuple[str, ...], path: Path)
     for key, value in state.items():
         name = key
         while name.startswith(prefixes):
-            name = name[len(next(p for p in prefixes if name.startswith(p))):]
+            name = name[len(next(p for p in prefixes if name.startswith(p))) :]
         if name in out:
             raise QkvxError(f"{path}: two tensors are named {name} once prefixes are stripped")
         out[name] = value
@@ -138,11 +156,15 @@ def check_state(spec: ModelSpec, state: dict[str, torch.Tensor], origin: dict[st
         if key in expected and tuple(value.shape) != expected[key]:
             name = origin.get(key, key)
             also = f" ({key})" if name != key else ""
-            raise QkvxError(f"{path}: {name}{also} has shape {list(value.shape)}, expected {list(expected[key])}")
+            raise QkvxError(
+                f"{path}: {name}{also} has shape {list(value.shape)}, expected {list(expected[key])}"
+            )
     head, emb = state.get("lm_head.weight"), state.get("tok_emb.weight")
     if spec.tie_embeddings and head is not None and emb is not None and not torch.equal(head, emb):
-        raise QkvxError(f"{path}: embeddings are tied in the config, but {origin.get('lm_head.weight')} "
-                        f"differs from {origin.get('tok_emb.weight')}")
+        raise QkvxError(
+            f"{path}: embeddings are tied in the config, but {origin.get('lm_head.weight')} "
+            f"differs from {origin.get('tok_emb.weight')}"
+        )
 
 
 def make_spec(source: Path, **fields: Any) -> ModelSpec:

@@ -1,4 +1,4 @@
-"""Hugging Face folders (DESIGN.md 3.2): GPT2LMHeadModel and LlamaForCausalLM, config.json plus
+"""Hugging Face folders: GPT2LMHeadModel and LlamaForCausalLM, config.json plus
 model.safetensors, sharded safetensors (with the index json) or pytorch_model.bin.
 
 The config is parsed with transformers' config classes (the same defaults HF would apply to keys
@@ -6,6 +6,7 @@ save_pretrained omits); the HF model itself is never instantiated (it would doub
 A model whose key and value projections are equal in every layer loads as Q-K=V (Q-GQA-g / Q-MQA
 with fewer kv heads) and keeps only k_proj: one cache tensor per layer.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,23 +18,33 @@ import torch
 
 from qkvx.errors import QkvxError
 from qkvx.loaders import paper
-from qkvx.loaders.common import (Checkpoint, check_state, make_spec, read_safetensors, rename, strip_prefixes,
-                              torch_load)
+from qkvx.loaders.common import (
+    Checkpoint,
+    check_state,
+    make_spec,
+    read_safetensors,
+    rename,
+    strip_prefixes,
+    torch_load,
+)
 from qkvx.spec import ModelSpec
 
 CONFIG_FILE = "config.json"
 FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 
-LLAMA_RULES = [(re.compile(p), r) for p, r in [
-    (r"^model\.embed_tokens\.", "tok_emb."),
-    (r"^model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"blocks.\1.attn.\2_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.gate."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.proj."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.norm1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.norm2."),
-    (r"^model\.norm\.", "norm_f."),
-]]
+LLAMA_RULES = [
+    (re.compile(p), r)
+    for p, r in [
+        (r"^model\.embed_tokens\.", "tok_emb."),
+        (r"^model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"blocks.\1.attn.\2_proj."),
+        (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.gate."),
+        (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc."),
+        (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.proj."),
+        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.norm1."),
+        (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.norm2."),
+        (r"^model\.norm\.", "norm_f."),
+    ]
+]
 # Non-weights some checkpoints carry: rotary inv_freq (old Llama), GPT-2 causal-mask buffers.
 LLAMA_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # GPT-2 Conv1D weights are stored [in, out]; qkvx (nn.Linear) wants [out, in].
@@ -60,8 +71,11 @@ def read(path: Path) -> Checkpoint:
 def share_kv(state: dict[str, torch.Tensor], n_layer: int) -> bool:
     """If k_proj == v_proj (weight and bias, exactly) in EVERY layer, drop v_proj and return True.
     Equal in some layers only is a coincidence of training, not the architecture: keep both."""
-    pairs = [(f"blocks.{i}.attn.k_proj.{s}", f"blocks.{i}.attn.v_proj.{s}")
-             for i in range(n_layer) for s in ("weight", "bias")]
+    pairs = [
+        (f"blocks.{i}.attn.k_proj.{s}", f"blocks.{i}.attn.v_proj.{s}")
+        for i in range(n_layer)
+        for s in ("weight", "bias")
+    ]
     for k, v in pairs:
         if (k in state) != (v in state):
             return False
@@ -91,8 +105,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
                     raise QkvxError(f"{index}: shard {shard!r} is not a file in {path}")
                 state.update(reader(file))
             return state
-    raise QkvxError(f"{path}: no weights (expected model.safetensors, model.safetensors.index.json "
-                    f"or pytorch_model.bin beside {CONFIG_FILE})")
+    raise QkvxError(
+        f"{path}: no weights (expected model.safetensors, model.safetensors.index.json "
+        f"or pytorch_model.bin beside {CONFIG_FILE})"
+    )
 
 
 def _read_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -107,25 +123,48 @@ def _gpt2_spec(cfg: dict[str, Any], path: Path) -> ModelSpec:
 
     c = _config(GPT2Config, cfg, path)
     where = path / CONFIG_FILE
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+    for key, ok in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),
+    ):
         if getattr(c, key) != ok:
             raise QkvxError(f"{where}: {key}={getattr(c, key)} is not supported (qkvx needs {ok})")
-    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(c.activation_function)
+    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+        c.activation_function
+    )
     if act is None:
-        raise QkvxError(f"{where}: activation_function={c.activation_function!r} is not supported "
-                        f"(gelu_new, gelu_pytorch_tanh or gelu)")
+        raise QkvxError(
+            f"{where}: activation_function={c.activation_function!r} is not supported "
+            f"(gelu_new, gelu_pytorch_tanh or gelu)"
+        )
     # GPT-2 always has biases (Linear and LayerNorm); n_inner None means 4C (ModelSpec's default).
-    return make_spec(where, n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, vocab_size=c.vocab_size,
-                     max_positions=c.n_positions, n_inner=c.n_inner, norm_eps=float(c.layer_norm_epsilon),
-                     mlp=act, bias=True, tie_embeddings=bool(c.tie_word_embeddings),
-                     positions="learned", norm="layernorm", sharing="qkv")
+    return make_spec(
+        where,
+        n_layer=c.n_layer,
+        n_embd=c.n_embd,
+        n_head=c.n_head,
+        vocab_size=c.vocab_size,
+        max_positions=c.n_positions,
+        n_inner=c.n_inner,
+        norm_eps=float(c.layer_norm_epsilon),
+        mlp=act,
+        bias=True,
+        tie_embeddings=bool(c.tie_word_embeddings),
+        positions="learned",
+        norm="layernorm",
+        sharing="qkv",
+    )
 
 
 def _gpt2_state(weights: dict[str, torch.Tensor], spec: ModelSpec, path: Path):
     raw = strip_prefixes(weights, ("transformer.",), path)
-    raw = {k: (v.t() if GPT2_CONV1D.match(k) and v.dim() == 2 else v)
-           for k, v in raw.items() if not paper.MASK_BUFFER.match(k)}
+    raw = {
+        k: (v.t() if GPT2_CONV1D.match(k) and v.dim() == 2 else v)
+        for k, v in raw.items()
+        if not paper.MASK_BUFFER.match(k)
+    }
     # Same names and fused c_attn [3C, C] (once transposed) as the paper's QKV variant.
     C = spec.n_embd
     return paper.to_qkvx(raw, spec.n_layer, paper.attention_layout("qkv", "c_attn", C, C), C, path)
@@ -139,17 +178,34 @@ def _llama_spec(cfg: dict[str, Any], path: Path) -> ModelSpec:
     if c.hidden_act != "silu":
         raise QkvxError(f"{where}: hidden_act={c.hidden_act!r} is not supported (qkvx's SwiGLU needs silu)")
     if c.rope_scaling is not None:
-        raise QkvxError(f"{where}: rope_scaling={json.dumps(c.rope_scaling)} is not supported (plain RoPE only)")
+        raise QkvxError(
+            f"{where}: rope_scaling={json.dumps(c.rope_scaling)} is not supported (plain RoPE only)"
+        )
     if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
-        raise QkvxError(f"{where}: attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} is not "
-                        f"supported (qkvx has one bias flag for all projections)")
+        raise QkvxError(
+            f"{where}: attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} is not "
+            f"supported (qkvx has one bias flag for all projections)"
+        )
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return make_spec(where, n_layer=c.num_hidden_layers, n_embd=c.hidden_size, n_head=c.num_attention_heads,
-                     n_kv_head=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
-                     vocab_size=c.vocab_size, max_positions=c.max_position_embeddings,
-                     n_inner=c.intermediate_size, positions="rope", rope_theta=float(c.rope_theta),
-                     norm="rmsnorm", norm_eps=float(c.rms_norm_eps), mlp="swiglu",
-                     bias=bool(c.attention_bias), tie_embeddings=bool(c.tie_word_embeddings), sharing="qkv")
+    return make_spec(
+        where,
+        n_layer=c.num_hidden_layers,
+        n_embd=c.hidden_size,
+        n_head=c.num_attention_heads,
+        n_kv_head=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=c.vocab_size,
+        max_positions=c.max_position_embeddings,
+        n_inner=c.intermediate_size,
+        positions="rope",
+        rope_theta=float(c.rope_theta),
+        norm="rmsnorm",
+        norm_eps=float(c.rms_norm_eps),
+        mlp="swiglu",
+        bias=bool(c.attention_bias),
+        tie_embeddings=bool(c.tie_word_embeddings),
+        sharing="qkv",
+    )
 
 
 def _llama_state(weights: dict[str, torch.Tensor]):

@@ -1,10 +1,9 @@
 """qkvx's own format: model.safetensors + qkvx.json (the ModelSpec). Written by train and any import."""
+
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 from qkvx.errors import QkvxError
 from qkvx.loaders.common import Checkpoint, read_safetensors
 from qkvx.spec import ModelSpec
+from qkvx.util import atomic_dir
 
 SPEC_FILE = "qkvx.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,22 +38,14 @@ def read(path: Path) -> Checkpoint:
 
 
 def save(model, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write model.safetensors + qkvx.json atomically (temp dir, then rename)."""
+    """Write model.safetensors + qkvx.json atomically (temp dir, then rename), replacing `directory`."""
     out = Path(directory)
     spec: ModelSpec = model.spec
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if spec.tie_embeddings:
         state.pop("lm_head.weight", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, force=True) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"spec": spec.to_dict(), "variant": spec.paper_name, **(extra or {})}
         (tmp / SPEC_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

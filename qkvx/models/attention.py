@@ -4,12 +4,13 @@ Variants are data (ModelSpec.sharing, n_kv_head): which projections exist and wh
 What happens to keys and values after projection is a cache strategy's business:
 
   FullRecompute (here)      no cache: causal attention over the current sequence (the reference)
-  StaticCache (rewrite)     in-place buffers written at input_pos (ExecuTorch)
-  PastPresent (rewrite)     functional past -> present tensors (ONNX)
+  StaticCache (decode)      in-place buffers written at input_pos (ExecuTorch)
+  PastPresent (decode)      functional past -> present tensors (ONNX)
 
 Where k = v the layer projects the shared tensor once and hands the strategy ONE tensor (v=None).
 With RoPE and k = v, the stored tensor is un-rotated: keys are rotated on read, values used as stored.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -69,8 +70,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bo
     [B, H, T, S] (bool, True = attend) -> [B, T, H, D]."""
     n_head = q.shape[2]
     k, v = expand_kv(k, n_head), expand_kv(v, n_head)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, is_causal=causal)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
+    )
     return out.transpose(1, 2)
 
 
@@ -99,8 +101,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, spec.kv_dim, bias=b) if spec.has_v_proj else None  # None: v = k
         self.o_proj = nn.Linear(spec.q_dim, C, bias=b)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: Rope | None,
-                cache: CacheStrategy = FULL_RECOMPUTE) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: Rope | None, cache: CacheStrategy = FULL_RECOMPUTE
+    ) -> Tensor:
         B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, G, D]
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim) if self.q_proj is not None else k

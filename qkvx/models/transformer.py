@@ -1,9 +1,10 @@
 """The decoder built from a ModelSpec: GPT-2 family (learned positions, LayerNorm, GELU, biases) and
 Llama family (RoPE, RMSNorm, SwiGLU) are the same module with different spec fields."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,11 @@ def make_norm(spec: ModelSpec) -> nn.Module:
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        C, I, b = spec.n_embd, spec.n_inner, spec.bias
+        C, inner, b = spec.n_embd, spec.n_inner, spec.bias
         self.kind = spec.mlp
-        self.fc = nn.Linear(C, I, bias=b)  # GELU: the input projection; SwiGLU: the "up" projection
-        self.gate = nn.Linear(C, I, bias=b) if spec.mlp == "swiglu" else None
-        self.proj = nn.Linear(I, C, bias=b)
+        self.fc = nn.Linear(C, inner, bias=b)  # GELU: the input projection; SwiGLU: the "up" projection
+        self.gate = nn.Linear(C, inner, bias=b) if spec.mlp == "swiglu" else None
+        self.proj = nn.Linear(inner, C, bias=b)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is not None:
@@ -74,16 +75,18 @@ class Transformer(nn.Module):
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.n_embd)
         self.pos_emb = nn.Embedding(spec.max_positions, spec.n_embd) if spec.positions == "learned" else None
-        self.rope = (Rope(spec.head_dim, spec.max_positions, spec.rope_theta)
-                     if spec.positions == "rope" else None)
+        self.rope = (
+            Rope(spec.head_dim, spec.max_positions, spec.rope_theta) if spec.positions == "rope" else None
+        )
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
         self.norm_f = make_norm(spec)
         self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None,
-                caches: Sequence[CacheStrategy] | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, positions: Tensor | None = None, caches: Sequence[CacheStrategy] | None = None
+    ) -> Tensor:
         """positions: [T] or [B, T] absolute positions (default 0..T-1); caches: one strategy per
         layer (default: full recompute, no cache)."""
         if positions is None:
@@ -117,7 +120,11 @@ class Transformer(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                s = std / math.sqrt(2 * self.spec.n_layer) if name.endswith(("o_proj.weight", "mlp.proj.weight")) else std
+                s = (
+                    std / math.sqrt(2 * self.spec.n_layer)
+                    if name.endswith(("o_proj.weight", "mlp.proj.weight"))
+                    else std
+                )
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
             elif "norm" in name and name.endswith("weight"):

@@ -2,8 +2,9 @@
 
 Plain torch ops, so the same code runs eagerly, exports to ExecuTorch (portable kernels) and to
 ONNX. Symmetric: x ~= q * scale with q in [-127, 127] and no zero point, so one int8 tensor plus
-its scale tensor is the whole cache (DESIGN.md 4).
+its scale tensor is the whole cache (the ONNX contract).
 """
+
 from __future__ import annotations
 
 import torch

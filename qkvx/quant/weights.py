@@ -4,14 +4,14 @@ per scheme in a small registry (the torchao config style).
   8da4w  int8 dynamic (per token, asymmetric) activations, int4 symmetric weights in groups of
          `group_size` input channels: Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g)),
          scales chosen by HQQ's scale search ("hqq_scale_only", as ExecuTorch's llama export
-         does): measured on the trained demo models, +2.5 % / +1.8 % perplexity vs +3.0 % / +2.5 %
-         with plain min-max scales (Q-K=V / QKV), the same artifact and speed
+         does): lower perplexity than plain min-max scales on the trained demo models (README),
+         the same artifact and speed
   8da8w  the same with int8 weights, one min-max scale per output channel: PerAxis(0)
 
 Both lower to XNNPACK's dynamically quantized fully-connected kernels. Chosen over the XNNPACK PT2E
-quantizer (dynamic, per channel), measured on the same models: equal speed and size for int8 and
-equal quality; for int4 the PT2E quantizer only has per-channel weights (+3.7 % / +2.1 %
-perplexity, lower top-1), torchao groups them.
+quantizer (dynamic, per channel), measured on the same models (README): equal speed, size and
+quality for int8; for int4 the PT2E quantizer only has per-channel weights (higher perplexity,
+lower top-1), torchao groups them.
 
 Not used, on purpose: Int8WeightOnlyConfig fails at run time in XNNPACK and IntxWeightOnlyConfig
 lowers silently wrong (its scale is dropped); tests/quant compare every quantized .pte with the
@@ -21,10 +21,11 @@ Embeddings stay fp32. The output projection (lm_head) stays fp32 unless asked: w
 embeddings it IS the embedding matrix, so quantizing it first unties it (an explicit fp32 copy
 stays behind as the embedding table) - the artifact then holds both.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,8 +40,11 @@ def _8da4w(group_size: int):
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerGroup
 
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
-                                                 intx_choose_qparams_algorithm="hqq_scale_only")
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4,
+        weight_granularity=PerGroup(group_size),
+        intx_choose_qparams_algorithm="hqq_scale_only",
+    )
 
 
 def _8da8w(group_size: int):
@@ -54,8 +58,13 @@ def _8da8w(group_size: int):
 PTE_SCHEMES: dict[str, tuple[Scheme, bool]] = {"8da4w": (_8da4w, True), "8da8w": (_8da8w, False)}
 
 
-def quantize_for_pte(model: Transformer, scheme: str, group_size: int = 32, quantize_lm_head: bool = False,
-                     inplace: bool = False) -> Transformer:
+def quantize_for_pte(
+    model: Transformer,
+    scheme: str,
+    group_size: int = 32,
+    quantize_lm_head: bool = False,
+    inplace: bool = False,
+) -> Transformer:
     """The model with its nn.Linear weights quantized by `scheme` ("none" returns it unchanged).
 
     Works on a deep copy unless inplace (the caller's fp32 model stays the validation reference).
@@ -80,12 +89,17 @@ def quantize_for_pte(model: Transformer, scheme: str, group_size: int = 32, quan
         return not grouped or module.in_features % group_size == 0
 
     targets = [n for n, m in model.named_modules() if wanted(m, n)]
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and (n != "lm_head" or quantize_lm_head)]
+    linears = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (n != "lm_head" or quantize_lm_head)
+    ]
     if len(targets) != len(linears):
         skipped = sorted(set(linears) - set(targets))
-        raise QkvxError(f"{scheme} with group_size {group_size}: input width of {', '.join(skipped)} "
-                        f"is not a multiple of the group size")
+        raise QkvxError(
+            f"{scheme} with group_size {group_size}: input width of {', '.join(skipped)} "
+            f"is not a multiple of the group size"
+        )
     with torch.no_grad():
         quantize_(model, make_config(group_size), filter_fn=wanted)
     return model.eval()
@@ -93,5 +107,8 @@ def quantize_for_pte(model: Transformer, scheme: str, group_size: int = 32, quan
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The Linear layers whose weight is a torchao quantized tensor (name -> module)."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and hasattr(m.weight, "qdata") and hasattr(m.weight, "scale")}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and hasattr(m.weight, "qdata") and hasattr(m.weight, "scale")
+    }

@@ -1,5 +1,6 @@
 """The bench's measuring parts: child peak RSS, the roofline's bytes per token against DESIGN.md 7's
 formula, cache bytes read back from real artifacts, the worker on tiny exports, and the goal logic."""
+
 import sys
 
 import pytest
@@ -11,7 +12,9 @@ from qkvx.bench.suite import configs, spec_for
 
 def test_run_measured_reports_the_childs_own_peak_rss():
     small = run_measured([sys.executable, "-c", "import numpy"])
-    big = run_measured([sys.executable, "-c", "import numpy as np; a = np.ones(300 * 2**20 // 8); print(a.sum())"])
+    big = run_measured(
+        [sys.executable, "-c", "import numpy as np; a = np.ones(300 * 2**20 // 8); print(a.sum())"]
+    )
     assert big["stdout"].strip() == str(float(300 * 2**20 // 8))
     assert 290 * 2**20 <= big["peak_rss_bytes"] - small["peak_rss_bytes"] <= 330 * 2**20
     with pytest.raises(RuntimeError, match="exit 3"):
@@ -28,7 +31,8 @@ def test_bytes_read_per_token_is_weights_plus_cache():
     embeddings = (256 + 2048) * 512
     spec = spec_for("20M", "QKV")
     assert bytes_read_per_token("20M", "QKV", "onnx-int8", 256) == (
-        spec.param_count() - embeddings + 4 * embeddings + 6 * 2 * 8 * 64 * 4 * 256)
+        spec.param_count() - embeddings + 4 * embeddings + 6 * 2 * 8 * 64 * 4 * 256
+    )
 
 
 def test_configs_anchor_only_as_qkv():
@@ -44,12 +48,19 @@ def test_worker_and_artifact_cache_bytes_on_tiny_exports(tmp_path):
     from qkvx.models.transformer import Transformer
     from qkvx.spec import cache_layout
 
-    spec = qkvx.ModelSpec.from_paper_name("Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=96)
+    spec = qkvx.ModelSpec.from_paper_name(
+        "Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=96
+    )
     src = qkvx.save(Transformer(spec).init_weights(0), tmp_path / "m")
-    for recipe, backend, file in (("pte-fp32", "pte-fp32", "model.pte"), ("onnx-fp32", "onnx-fp32", "model.onnx")):
+    for recipe, backend, file in (
+        ("pte-fp32", "pte-fp32", "model.pte"),
+        ("onnx-fp32", "onnx-fp32", "model.onnx"),
+    ):
         export(src, recipe, tmp_path / recipe)
         path = tmp_path / recipe / file
-        assert artifact_cache_bytes(path, backend, 64) == cache_layout(spec).bytes_at(64) == 2 * 4 * 16 * 4 * 64
+        assert (
+            artifact_cache_bytes(path, backend, 64) == cache_layout(spec).bytes_at(64) == 2 * 4 * 16 * 4 * 64
+        )
         for b, p in ((backend, path), ("eager-kv", src), ("eager-cat", src)):
             r = measure(b, p, [40, 96], steps=8, prefill_tokens=32, max_seq_len=96)
             assert set(r["decode_ms"]) == {"40", "96"} and all(v > 0 for v in r["decode_ms"].values())
@@ -58,32 +69,50 @@ def test_worker_and_artifact_cache_bytes_on_tiny_exports(tmp_path):
 
 def test_eager_cat_baseline_matches_full_recompute(tmp_path):
     """The plain-ops eager baseline computes the model (prefill 8 + 4 decode steps vs no cache)."""
-    import qkvx
     import torch
+
+    import qkvx
     from qkvx.bench.worker import _EagerCat
     from qkvx.models.transformer import Transformer
 
-    spec = qkvx.ModelSpec.from_paper_name("Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=32)
+    spec = qkvx.ModelSpec.from_paper_name(
+        "Q-K=V", n_layer=2, n_embd=64, n_head=4, vocab_size=256, max_positions=32
+    )
     model = Transformer(spec).init_weights(0, std=0.1).eval()
     rt = _EagerCat(qkvx.save(model, tmp_path / "m"))
     tokens = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))
     rt.seek(0)
-    got = torch.cat([rt._run(tokens[:8])] + [rt._run(tokens[i:i + 1]) for i in range(8, 12)])
+    got = torch.cat([rt._run(tokens[:8])] + [rt._run(tokens[i : i + 1]) for i in range(8, 12)])
     with torch.no_grad():
         ref = model(tokens[None])[0]
     assert rt.pos == 12 and (got - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
 
 
 def _row(variant, backend, ms, frac=0.6):
-    return {"size": "20M", "variant": variant, "backend": backend,
-            "decode": {str(c): {"ms": {"median": ms}, "roofline_fraction": frac} for c in (256, 1024, 2048)}}
+    return {
+        "size": "20M",
+        "variant": variant,
+        "backend": backend,
+        "decode": {str(c): {"ms": {"median": ms}, "roofline_fraction": frac} for c in (256, 1024, 2048)},
+    }
 
 
 def test_goals_met_and_missed():
-    rows = [_row("QKV", "pte-fp32", 10.0, 0.4), _row("Q-K=V", "pte-fp32", 5.0), _row("QKV", "eager-kv", 40.0),
-            _row("Q-K=V", "eager-kv", 10.0), _row("QKV", "optimum-onnx", 8.0), _row("Q-K=V", "onnx-fp32", 9.0)]
+    rows = [
+        _row("QKV", "pte-fp32", 10.0, 0.4),
+        _row("Q-K=V", "pte-fp32", 5.0),
+        _row("QKV", "eager-kv", 40.0),
+        _row("Q-K=V", "eager-kv", 10.0),
+        _row("QKV", "optimum-onnx", 8.0),
+        _row("Q-K=V", "onnx-fp32", 9.0),
+    ]
     got = {g["goal"]: g["met"] for g in goals(rows, (256, 1024, 2048))}
     assert got["K=V .pte speedup over QKV .pte at 2048 >= 0.9x the bytes-read ratio"]  # 2.0x vs ideal < 1.3x
-    assert got[".pte >= 3x eager (QKV, eager-kv)"] and not got[".pte >= 3x eager (Q-K=V, eager-kv)"]  # 4x vs 2x
+    assert (
+        got[".pte >= 3x eager (QKV, eager-kv)"] and not got[".pte >= 3x eager (Q-K=V, eager-kv)"]
+    )  # 4x vs 2x
     assert not got["qkvx Q-K=V ONNX >= optimum QKV ONNX at 1024 (speed)"]  # 8 ms vs 9 ms
-    assert not got[".pte >= 50 % of roofline at 2048 (QKV, fp32)"] and got[".pte >= 50 % of roofline at 2048 (Q-K=V, fp32)"]
+    assert (
+        not got[".pte >= 50 % of roofline at 2048 (QKV, fp32)"]
+        and got[".pte >= 50 % of roofline at 2048 (Q-K=V, fp32)"]
+    )

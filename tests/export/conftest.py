@@ -1,4 +1,5 @@
 """What the exporter tests share: the fp32 parity check of one runtime against full recompute."""
+
 import pytest
 import torch
 

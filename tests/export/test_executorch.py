@@ -1,22 +1,14 @@
 """ExecuTorch export: parity vs full recompute, one cache buffer per K=V layer, the runner contract."""
+
 import pytest
-import torch
 
 from qkvx import ModelSpec, cache_layout
 from qkvx.export.executorch import export_pte, read_plan
 from qkvx.harness.pte import PteRunner
 from qkvx.models.transformer import Transformer
 
-DIMS = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, max_positions=128)
-LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_inner=160)
-GPT_VARIANTS = ["QKV", "Q=K-V", "Q-K=V", "Q=K=V", "GQA-2", "MQA", "Q-GQA-2", "Q-MQA"]
-LLAMA_VARIANTS = ["QKV", "Q-K=V", "Q-MQA"]
-
-
-def _model(name, family, seed=0, **over):
-    spec = ModelSpec.from_paper_name(name, **{**DIMS, **(LLAMA if family == "llama" else {}), **over})
-    # std 0.1: logits of a few units, so top-1 is decided by real margins, not by rounding noise
-    return Transformer(spec).init_weights(seed, std=0.1).eval()
+from tiny import DIMS, EXPORT_CASES, case_ids
+from tiny import model as _model
 
 
 def _export(tmp_path, model, max_seq_len=96, chunk=32):
@@ -24,7 +16,7 @@ def _export(tmp_path, model, max_seq_len=96, chunk=32):
     return path, export_pte(model, path, max_seq_len, chunk)
 
 
-@pytest.mark.parametrize("family,name", [("gpt", n) for n in GPT_VARIANTS] + [("llama", n) for n in LLAMA_VARIANTS])
+@pytest.mark.parametrize("family,name", EXPORT_CASES, ids=case_ids(EXPORT_CASES))
 def test_pte_parity_prefill_then_decode(tmp_path, family, name, fp32_parity):
     model = _model(name, family)
     path, plan = _export(tmp_path, model)

@@ -1,4 +1,5 @@
 """The .pte of a trained model: same greedy text as eager, and ExecuTorch's stock LLM runner drives it."""
+
 import json
 
 import pytest
@@ -38,7 +39,7 @@ def test_export_writes_manifest_with_passing_parity(pte_dir, trained_kv):
 def test_greedy_text_pte_equals_eager(pte_dir, trained_kv):
     model = qkvx.load(trained_kv)
     ids = encode(PROMPT)
-    eager = generate(EagerRunner(model), ids, NEW, eos_ids=(BYTE_EOS,)).new_ids
+    eager = generate(EagerRunner(model=model), ids, NEW, eos_ids=(BYTE_EOS,)).new_ids
     pte = generate(PteRunner(pte_dir / "model.pte"), ids, NEW, eos_ids=(BYTE_EOS,)).new_ids
     assert pte == eager and len(eager) == NEW
     assert decode(eager).strip()  # the trained model writes something
@@ -47,7 +48,9 @@ def test_greedy_text_pte_equals_eager(pte_dir, trained_kv):
 def test_stock_executorch_llm_runner_matches_our_loop(pte_dir, capfd):
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    ours = decode(generate(PteRunner(pte_dir / "model.pte"), encode(PROMPT), NEW, eos_ids=(BYTE_EOS,)).new_ids)
+    ours = decode(
+        generate(PteRunner(pte_dir / "model.pte"), encode(PROMPT), NEW, eos_ids=(BYTE_EOS,)).new_ids
+    )
     if not ours.isascii():
         pytest.skip("the stock runner's Python callback cannot take a non-UTF-8 single byte")
     pieces = []

@@ -1,9 +1,10 @@
-"""arm64 emulator and runner (issue 7 part 3): fp32 ONNX artifacts of Q-K=V and QKV on onnxruntime's
+"""arm64 emulator and runner: fp32 ONNX artifacts of Q-K=V and QKV on onnxruntime's
 aarch64 build under qemu pass the fp32 parity gate, and match the host onnxruntime; the emulator's
 setup / status and the runner's failures are one actionable line each.
 
 Emulated tests skip only when the emulator is not set up AND this machine cannot set it up (not
 root, no qemu-user-static / debootstrap); any other setup failure (network, mirror) fails them."""
+
 import io
 import json
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qkvx import ModelSpec, QkvxError
+from qkvx import QkvxError
 from qkvx.export.onnx import export_onnx
 from qkvx.harness import emulator
 from qkvx.harness.arm64 import Arm64Runner, onnx_max_seq_len
@@ -19,23 +20,28 @@ from qkvx.harness.arm64_driver import from_npy, read_frame, serve, to_npy, write
 from qkvx.harness.ort import OrtRunner, ort_session
 from qkvx.harness.ort_feed import OrtStepper
 from qkvx.harness.parity import check_parity
-from qkvx.models.transformer import Transformer
 from qkvx.recipes import Gates
 
-DIMS = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, max_positions=64)
+from tiny import DIMS as TINY
+from tiny import model as _tiny
+
+DIMS = {**TINY, "max_positions": 64}
 PREFILL, STEPS = 8, 24  # a few seconds emulated: ~3 s to start onnxruntime, milliseconds a step
-_EXPORTS: dict = {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
+    """name -> (model, model.onnx): one export per variant for the session."""
+    cache: dict = {}
+
     def get(name):
-        if name not in _EXPORTS:
-            model = Transformer(ModelSpec.from_paper_name(name, **DIMS)).init_weights(0, std=0.1).eval()
+        if name not in cache:
+            model = _tiny(name, max_positions=DIMS["max_positions"])
             out = tmp_path_factory.mktemp(name)
             export_onnx(model, out)
-            _EXPORTS[name] = model, out / "model.onnx"
-        return _EXPORTS[name]
+            cache[name] = model, out / "model.onnx"
+        return cache[name]
+
     return get
 
 
@@ -53,7 +59,9 @@ def _tokens(n=PREFILL + STEPS, seed=1):
 
 def _run(runner, tokens):
     runner.reset()
-    return torch.cat([runner.prefill(tokens[:PREFILL])] + [runner.decode(int(t))[None] for t in tokens[PREFILL:]])
+    return torch.cat(
+        [runner.prefill(tokens[:PREFILL])] + [runner.decode(int(t))[None] for t in tokens[PREFILL:]]
+    )
 
 
 @pytest.mark.slow
@@ -133,8 +141,10 @@ def test_ort_feed_stepper_matches_host_runner(exported):
     _, path = exported("QKV")
     tokens = _tokens()
     stepper = OrtStepper(ort_session(path))
-    got = np.concatenate([stepper.step(tokens[:PREFILL].numpy())] +
-                         [stepper.step(tokens[i:i + 1].numpy()) for i in range(PREFILL, len(tokens))])
+    got = np.concatenate(
+        [stepper.step(tokens[:PREFILL].numpy())]
+        + [stepper.step(tokens[i : i + 1].numpy()) for i in range(PREFILL, len(tokens))]
+    )
     assert stepper.pos == len(tokens) and stepper.max_seq_len == DIMS["max_positions"]
     assert np.array_equal(got, _run(OrtRunner(path), tokens).numpy())
 

@@ -1,4 +1,5 @@
 """Kernel tests: the library is built once per source change (qkvx.kernels builds on import)."""
+
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ def reference_attend(q, k_cache, v_cache=None, k_scale=None, v_scale=None, cos=N
         half = D // 2
         k = k * cos[:n].double() + torch.cat([-k[..., half:], k[..., :half]], -1) * sin[:n].double()
     k, v = k.repeat_interleave(H // G, 0), v.repeat_interleave(H // G, 0)  # [H, n, D]
-    scores = torch.einsum("thd,hsd->ths", q[0].double(), k) / D ** 0.5
+    scores = torch.einsum("thd,hsd->ths", q[0].double(), k) / D**0.5
     pos = torch.arange(n)
     visible = pos[None, :] <= (start_pos + torch.arange(T))[:, None]  # [T, n]
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))

@@ -1,4 +1,5 @@
 """qkvx.kernels.build: a missing tool is one line naming the Debian package to install."""
+
 import importlib
 
 import pytest
@@ -6,11 +7,14 @@ import pytest
 kbuild = importlib.import_module("qkvx.kernels.build")  # the module (qkvx.kernels.build is the function)
 
 
-@pytest.mark.parametrize("missing, package, kwargs", [
-    ("cmake", "cmake", {}),
-    ("g++", "g++", {}),
-    ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", {"aarch64": True}),
-])
+@pytest.mark.parametrize(
+    "missing, package, kwargs",
+    [
+        ("cmake", "cmake", {}),
+        ("g++", "g++", {}),
+        ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", {"aarch64": True}),
+    ],
+)
 def test_missing_tool_names_the_debian_package(monkeypatch, tmp_path, missing, package, kwargs):
     real = kbuild.shutil.which
     monkeypatch.setattr(kbuild.shutil, "which", lambda tool: None if tool == missing else real(tool))

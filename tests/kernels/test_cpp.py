@@ -1,5 +1,6 @@
 """The C++ unit tests (csrc/test, float64 reference) built by the same CMake: on the host, and
 cross-built for aarch64 and run under qemu-aarch64-static (the NEON path)."""
+
 import re
 import shutil
 import subprocess

@@ -1,5 +1,4 @@
 """torch.ops.qkvx.* eagerly (CPU kernels through the C ABI) against float64 torch references."""
-import math
 
 import pytest
 import torch
@@ -27,14 +26,14 @@ def rope_tables(P, D):
 
 
 CASES = [  # T, H, G, S, D, start_pos
-    (1, 4, 4, 33, 64, 0),      # context 1
-    (1, 4, 4, 33, 64, 17),     # odd length
-    (1, 8, 2, 33, 64, 32),     # GQA, full cache
-    (1, 6, 1, 40, 32, 21),     # MQA
-    (5, 4, 2, 40, 32, 0),      # prefill from 0
-    (7, 4, 4, 40, 16, 11),     # prefill in the middle
-    (3, 2, 1, 25, 6, 9),       # head size the SIMD path does not take
-    (2, 4, 2, 30, 128, 27),    # D = 128 (its own unrolled instantiation)
+    (1, 4, 4, 33, 64, 0),  # context 1
+    (1, 4, 4, 33, 64, 17),  # odd length
+    (1, 8, 2, 33, 64, 32),  # GQA, full cache
+    (1, 6, 1, 40, 32, 21),  # MQA
+    (5, 4, 2, 40, 32, 0),  # prefill from 0
+    (7, 4, 4, 40, 16, 11),  # prefill in the middle
+    (3, 2, 1, 25, 6, 9),  # head size the SIMD path does not take
+    (2, 4, 2, 30, 128, 27),  # D = 128 (its own unrolled instantiation)
 ]
 
 
@@ -71,12 +70,14 @@ def test_rope_kv_shared_matches_model_attention(kernels):
     cache[0, :, :S] = kv[0].transpose(0, 1)
     # a prefill chunk of T tokens ending at S, then decode the last token alone
     start = S - T
-    got = torch.ops.qkvx.attend(q_rot[:, start:].contiguous(), cache, None, None, None,
-                                rope.cos, rope.sin, start)
+    got = torch.ops.qkvx.attend(
+        q_rot[:, start:].contiguous(), cache, None, None, None, rope.cos, rope.sin, start
+    )
     torch.testing.assert_close(got, want[:, start:], atol=2e-5, rtol=2e-5)
-    last = torch.ops.qkvx.attend(q_rot[:, S - 1:].contiguous(), cache, None, None, None,
-                                 rope.cos, rope.sin, S - 1)
-    torch.testing.assert_close(last, want[:, S - 1:], atol=2e-5, rtol=2e-5)
+    last = torch.ops.qkvx.attend(
+        q_rot[:, S - 1 :].contiguous(), cache, None, None, None, rope.cos, rope.sin, S - 1
+    )
+    torch.testing.assert_close(last, want[:, S - 1 :], atol=2e-5, rtol=2e-5)
 
 
 def test_two_threads_split_the_sequence_and_agree(kernels, reference):
@@ -103,7 +104,7 @@ def test_update_cache_writes_rows_per_head(kernels):
         cache = torch.full((1, G, S, D), 7.0, dtype=dtype)
         torch.ops.qkvx.update_cache(value, cache, start)
         want = torch.full((1, G, S, D), 7.0, dtype=dtype)
-        want[0, :, start:start + T] = value[0].transpose(0, 1).to(dtype)  # torch's rounding
+        want[0, :, start : start + T] = value[0].transpose(0, 1).to(dtype)  # torch's rounding
         assert torch.equal(cache, want), dtype
 
 
@@ -117,31 +118,96 @@ def test_update_cache_int8_is_quantize_int8_bit_for_bit(kernels):
     scale = torch.full((1, G, S, 1), -1.0)
     torch.ops.qkvx.update_cache_int8(value, cache, scale, start)
     q, s = quantize_int8(value)  # [1, T, G, D], [1, T, G, 1]
-    assert torch.equal(cache[0, :, start:start + T], q[0].transpose(0, 1))
-    assert torch.equal(scale[0, :, start:start + T], s[0].transpose(0, 1))
-    assert (cache[0, :, :start] == 99).all() and (scale[0, :, start + T:] == -1).all()
+    assert torch.equal(cache[0, :, start : start + T], q[0].transpose(0, 1))
+    assert torch.equal(scale[0, :, start : start + T], s[0].transpose(0, 1))
+    assert (cache[0, :, :start] == 99).all() and (scale[0, :, start + T :] == -1).all()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: torch.ops.qkvx.attend(torch.randn(1, 1, 4, 8), torch.randn(1, 2, 16, 8), None, None, None, None, None, 16),
-     "start_pos 16"),
-    (lambda: torch.ops.qkvx.attend(torch.randn(1, 1, 3, 8), torch.randn(1, 2, 16, 8), None, None, None, None, None, 0),
-     "not a multiple"),
-    (lambda: torch.ops.qkvx.attend(torch.randn(1, 1, 4, 8), torch.randn(1, 2, 16, 4), None, None, None, None, None, 0),
-     "head_dim"),
-    (lambda: torch.ops.qkvx.attend(torch.randn(2, 1, 4, 8), torch.randn(2, 2, 16, 8), None, None, None, None, None, 0),
-     "batch must be 1"),
-    (lambda: torch.ops.qkvx.attend(torch.randn(1, 1, 4, 8), torch.randn(1, 2, 16, 8).transpose(1, 2), None, None, None, None, None, 0),
-     "contiguous"),
-    (lambda: torch.ops.qkvx.attend(torch.randn(1, 1, 4, 8), torch.zeros(1, 2, 16, 8, dtype=torch.int8), None, None, None, None, None, 0),
-     "k_scale is required"),
-    (lambda: torch.ops.qkvx.attend(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 16, 8), None, None, None, torch.ones(3, 8), torch.ones(3, 8), 2),
-     "rope table"),
-    (lambda: torch.ops.qkvx.update_cache(torch.randn(1, 2, 2, 8), torch.zeros(1, 2, 16, 8), 15), "start_pos 15"),
-    (lambda: torch.ops.qkvx.update_cache(torch.randn(1, 1, 3, 8), torch.zeros(1, 2, 16, 8), 0), "does not match"),
-    (lambda: torch.ops.qkvx.update_cache_int8(torch.randn(1, 1, 2, 8), torch.zeros(1, 2, 16, 8, dtype=torch.int8),
-                                              torch.zeros(1, 2, 15, 1), 0), "scale"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(1, 1, 4, 8), torch.randn(1, 2, 16, 8), None, None, None, None, None, 16
+            ),
+            "start_pos 16",
+        ),
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(1, 1, 3, 8), torch.randn(1, 2, 16, 8), None, None, None, None, None, 0
+            ),
+            "not a multiple",
+        ),
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(1, 1, 4, 8), torch.randn(1, 2, 16, 4), None, None, None, None, None, 0
+            ),
+            "head_dim",
+        ),
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(2, 1, 4, 8), torch.randn(2, 2, 16, 8), None, None, None, None, None, 0
+            ),
+            "batch must be 1",
+        ),
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(1, 1, 4, 8),
+                torch.randn(1, 2, 16, 8).transpose(1, 2),
+                None,
+                None,
+                None,
+                None,
+                None,
+                0,
+            ),
+            "contiguous",
+        ),
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(1, 1, 4, 8),
+                torch.zeros(1, 2, 16, 8, dtype=torch.int8),
+                None,
+                None,
+                None,
+                None,
+                None,
+                0,
+            ),
+            "k_scale is required",
+        ),
+        (
+            lambda: torch.ops.qkvx.attend(
+                torch.randn(1, 2, 4, 8),
+                torch.randn(1, 2, 16, 8),
+                None,
+                None,
+                None,
+                torch.ones(3, 8),
+                torch.ones(3, 8),
+                2,
+            ),
+            "rope table",
+        ),
+        (
+            lambda: torch.ops.qkvx.update_cache(torch.randn(1, 2, 2, 8), torch.zeros(1, 2, 16, 8), 15),
+            "start_pos 15",
+        ),
+        (
+            lambda: torch.ops.qkvx.update_cache(torch.randn(1, 1, 3, 8), torch.zeros(1, 2, 16, 8), 0),
+            "does not match",
+        ),
+        (
+            lambda: torch.ops.qkvx.update_cache_int8(
+                torch.randn(1, 1, 2, 8),
+                torch.zeros(1, 2, 16, 8, dtype=torch.int8),
+                torch.zeros(1, 2, 15, 1),
+                0,
+            ),
+            "scale",
+        ),
+    ],
+)
 def test_bad_arguments_raise_one_line_value_error(kernels, call, message):
     with pytest.raises(ValueError) as e:
         call()
@@ -160,9 +226,15 @@ def test_attend_agrees_with_executorch_custom_sdpa(kernels, T, start):
     kv = torch.randn(1, H, S, D, generator=gen)
     other = torch.randn(1, H, S, D, generator=gen)
     lk, lv = kv.transpose(1, 2).contiguous(), other.transpose(1, 2).contiguous()
-    torch.testing.assert_close(torch.ops.qkvx.attend(q, kv, None, None, None, None, None, start),
-                               torch.ops.llama.custom_sdpa(q, lk, lk, start, None, 0.0, True),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.ops.qkvx.attend(q, kv, other, None, None, None, None, start),
-                               torch.ops.llama.custom_sdpa(q, lk, lv, start, None, 0.0, True),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.ops.qkvx.attend(q, kv, None, None, None, None, None, start),
+        torch.ops.llama.custom_sdpa(q, lk, lk, start, None, 0.0, True),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    torch.testing.assert_close(
+        torch.ops.qkvx.attend(q, kv, other, None, None, None, None, start),
+        torch.ops.llama.custom_sdpa(q, lk, lv, start, None, 0.0, True),
+        atol=1e-5,
+        rtol=1e-5,
+    )

@@ -2,12 +2,13 @@
 (torch.export -> to_edge_transform_and_lower with XNNPACK -> to_executorch with reinplacing) and
 run for several steps in executorch.runtime.Runtime, against a float64 torch reference that keeps
 its own cache in plain tensors."""
+
 import pytest
 import torch
 from torch import nn
 
 from qkvx.models.attention import Rope
-from qkvx.quant.kv import dequantize_int8, quantize_int8
+from qkvx.quant.kv import quantize_int8
 
 C, H, G, D, S = 32, 4, 2, 16, 24
 
@@ -64,7 +65,7 @@ def reference_steps(m: TinyDecode, xs, positions, reference):
     scales = {n: torch.zeros(1, G, S, 1) for n in kv}
     outs = []
     with torch.no_grad():
-        for x, p in zip(xs, positions):
+        for x, p in zip(xs, positions, strict=False):
             T = x.shape[1]
             q = m.q_proj(x).view(1, T, H, D)
             if m.rope is not None:
@@ -75,15 +76,22 @@ def reference_steps(m: TinyDecode, xs, positions, reference):
             for n, val in new.items():
                 if m.int8:
                     qv, s = quantize_int8(val)
-                    kv[n][0, :, p:p + T] = qv[0].transpose(0, 1).float()
-                    scales[n][0, :, p:p + T] = s[0].transpose(0, 1)
+                    kv[n][0, :, p : p + T] = qv[0].transpose(0, 1).float()
+                    scales[n][0, :, p : p + T] = s[0].transpose(0, 1)
                 else:  # stored in the cache dtype (fp16: torch's rounding)
-                    kv[n][0, :, p:p + T] = val[0].transpose(0, 1).to(m.kv_dtype).float()
+                    kv[n][0, :, p : p + T] = val[0].transpose(0, 1).to(m.kv_dtype).float()
             first = "kv" if m.shared else "k"
             cos, sin = (m.rope.cos, m.rope.sin) if m.rope is not None else (None, None)
-            y = reference(q, kv[first], None if m.shared else kv["v"],
-                          scales[first] if m.int8 else None,
-                          scales["v"] if m.int8 and not m.shared else None, cos, sin, p)
+            y = reference(
+                q,
+                kv[first],
+                None if m.shared else kv["v"],
+                scales[first] if m.int8 else None,
+                scales["v"] if m.int8 and not m.shared else None,
+                cos,
+                sin,
+                p,
+            )
             outs.append(y.reshape(1, T, H * D))
     return outs
 
@@ -96,12 +104,19 @@ def export_pte(m: TinyDecode, path):
 
     example = (torch.zeros(1, 2, C), torch.tensor([0], dtype=torch.long))
     with torch.no_grad():
-        ep = torch.export.export(m, example, dynamic_shapes=({1: Dim("seq", min=1, max=4)}, None), strict=False)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    program = edge.to_executorch(ExecutorchBackendConfig(
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        run_reinplace_pass=True, emit_mutable_buffer_names=True))
+        ep = torch.export.export(
+            m, example, dynamic_shapes=({1: Dim("seq", min=1, max=4)}, None), strict=False
+        )
+    edge = to_edge_transform_and_lower(
+        ep, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+    )
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            run_reinplace_pass=True,
+            emit_mutable_buffer_names=True,
+        )
+    )
     path.write_bytes(program.buffer)
     return program.buffer
 
@@ -125,9 +140,11 @@ def test_pte_decodes_like_the_reference_and_mutates_the_cache_in_place(kernels, 
     m = TinyDecode(**VARIANTS[variant]).eval()
     pte = export_pte(m, tmp_path / "tiny.pte")
     plan = read_plan(pte)
-    assert {"qkvx::update_cache_int8" if m.int8 else "qkvx::update_cache", "qkvx::attend"} <= set(plan.operators)
+    assert {"qkvx::update_cache_int8" if m.int8 else "qkvx::update_cache", "qkvx::attend"} <= set(
+        plan.operators
+    )
     assert "aten::copy_" not in plan.operators, plan.operators  # no copy-back into the cache
-    buffers = (["kv"] if m.shared else ["k", "v"])
+    buffers = ["kv"] if m.shared else ["k", "v"]
     want_buffers = buffers + ([f"{b}_scale" for b in buffers] if m.int8 else [])
     assert sorted(plan.cache_buffers) == sorted(want_buffers)
 
@@ -137,13 +154,13 @@ def test_pte_decodes_like_the_reference_and_mutates_the_cache_in_place(kernels, 
     positions = [sum(lengths[:i]) for i in range(len(lengths))]
     xs = [torch.randn(1, T, C, generator=gen) for T in lengths]
     want = reference_steps(m, xs, positions, reference)
-    for x, p, w in zip(xs, positions, want):
+    for x, p, w in zip(xs, positions, want, strict=False):
         got = method.execute([x, torch.tensor([p], dtype=torch.long)])[0]
         # every step attends over rows written by earlier calls: only an in-place cache matches
         torch.testing.assert_close(got.double(), w, atol=1e-4, rtol=1e-4)
     # eager (CPU kernels via ctypes) on the same steps
     with torch.no_grad():
-        for x, p, w in zip(xs, positions, want):
+        for x, p, w in zip(xs, positions, want, strict=False):
             torch.testing.assert_close(m(x, torch.tensor([p])).double(), w, atol=1e-4, rtol=1e-4)
 
 

@@ -1,4 +1,5 @@
 """Shared by the loader tests: every bad input is ONE QkvxError line naming what is wrong."""
+
 import pytest
 
 import qkvx

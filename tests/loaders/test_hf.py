@@ -1,6 +1,7 @@
 """Hugging Face folders: tiny GPT2LMHeadModel / LlamaForCausalLM with random weights, saved with
 save_pretrained and loaded by qkvx; logits must match transformers' own (eager) forward, and K=V
 copies must be detected as Q-K=V / Q-GQA-g / Q-MQA. No network: nothing is fetched from the hub."""
+
 import json
 
 import pytest
@@ -26,21 +27,36 @@ def randomize(model, seed=0):
 
 
 def gpt2(kv_equal=False, **cfg):
-    config = transformers.GPT2Config(n_embd=C, n_layer=LAYERS, n_head=HEADS, vocab_size=V, n_positions=64,
-                                     attn_implementation="eager", **cfg)
+    config = transformers.GPT2Config(
+        n_embd=C,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        vocab_size=V,
+        n_positions=64,
+        attn_implementation="eager",
+        **cfg,
+    )
     model = randomize(transformers.GPT2LMHeadModel(config))
     if kv_equal:
         with torch.no_grad():
             for block in model.transformer.h:  # Conv1D c_attn: weight [C, 3C] = [in, out], q | k | v
-                block.attn.c_attn.weight[:, 2 * C:] = block.attn.c_attn.weight[:, C:2 * C]
-                block.attn.c_attn.bias[2 * C:] = block.attn.c_attn.bias[C:2 * C]
+                block.attn.c_attn.weight[:, 2 * C :] = block.attn.c_attn.weight[:, C : 2 * C]
+                block.attn.c_attn.bias[2 * C :] = block.attn.c_attn.bias[C : 2 * C]
     return model
 
 
 def llama(kv_heads=HEADS, kv_equal=False, kv_equal_layers=None, **cfg):
-    config = transformers.LlamaConfig(hidden_size=C, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=V,
-                                      max_position_embeddings=64, attn_implementation="eager", **cfg)
+    config = transformers.LlamaConfig(
+        hidden_size=C,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=kv_heads,
+        intermediate_size=64,
+        vocab_size=V,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        **cfg,
+    )
     model = randomize(transformers.LlamaForCausalLM(config))
     layers = range(LAYERS) if kv_equal else (kv_equal_layers or [])
     with torch.no_grad():
@@ -65,8 +81,11 @@ def assert_same_logits(hf_model, path):
 
 
 @pytest.mark.parametrize("kv_equal,variant", [(False, "QKV"), (True, "Q-K=V")])
-@pytest.mark.parametrize("save_kwargs", [{}, {"max_shard_size": "20KB"}, {"safe_serialization": False}],
-                         ids=["safetensors", "sharded", "bin"])
+@pytest.mark.parametrize(
+    "save_kwargs",
+    [{}, {"max_shard_size": "20KB"}, {"safe_serialization": False}],
+    ids=["safetensors", "sharded", "bin"],
+)
 def test_gpt2(tmp_path, kv_equal, variant, save_kwargs):
     hf = gpt2(kv_equal)
     hf.save_pretrained(tmp_path, **save_kwargs)
@@ -85,9 +104,17 @@ def test_gpt2_exact_gelu_untied(tmp_path):
     assert (model.spec.mlp, model.spec.tie_embeddings) == ("gelu", False)
 
 
-@pytest.mark.parametrize("kv_heads,kv_equal,tie,variant", [
-    (4, False, False, "QKV"), (2, False, True, "GQA-2"), (1, False, False, "MQA"),
-    (4, True, True, "Q-K=V"), (2, True, False, "Q-GQA-2"), (1, True, True, "Q-MQA")])
+@pytest.mark.parametrize(
+    "kv_heads,kv_equal,tie,variant",
+    [
+        (4, False, False, "QKV"),
+        (2, False, True, "GQA-2"),
+        (1, False, False, "MQA"),
+        (4, True, True, "Q-K=V"),
+        (2, True, False, "Q-GQA-2"),
+        (1, True, True, "Q-MQA"),
+    ],
+)
 def test_llama(tmp_path, kv_heads, kv_equal, tie, variant):
     hf = llama(kv_heads, kv_equal, tie_word_embeddings=tie)
     hf.save_pretrained(tmp_path)
@@ -114,27 +141,46 @@ def test_llama_kv_equal_in_some_layers_only_is_standard(tmp_path):
 
 # ---- rejections: one line naming the file and the setting -------------------------------------
 
+
 def write_config(path, **cfg):
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
 
-LLAMA_CFG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=C, num_hidden_layers=2,
-                 num_attention_heads=HEADS, intermediate_size=64, vocab_size=V)
+LLAMA_CFG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=C,
+    num_hidden_layers=2,
+    num_attention_heads=HEADS,
+    intermediate_size=64,
+    vocab_size=V,
+)
 
 
-@pytest.mark.parametrize("cfg,needle", [
-    (dict(architectures=["BertForMaskedLM"], model_type="bert"), "BertForMaskedLM"),
-    (dict(model_type="t5"), "t5"),
-    ({**LLAMA_CFG, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({**LLAMA_CFG, "hidden_act": "gelu"}, "hidden_act"),
-    ({**LLAMA_CFG, "attention_bias": True}, "mlp_bias"),
-    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", scale_attn_by_inverse_layer_idx=True),
-     "scale_attn_by_inverse_layer_idx"),
-    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", scale_attn_weights=False), "scale_attn_weights"),
-    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="relu"), "activation_function"),
-])
+@pytest.mark.parametrize(
+    "cfg,needle",
+    [
+        (dict(architectures=["BertForMaskedLM"], model_type="bert"), "BertForMaskedLM"),
+        (dict(model_type="t5"), "t5"),
+        ({**LLAMA_CFG, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({**LLAMA_CFG, "hidden_act": "gelu"}, "hidden_act"),
+        ({**LLAMA_CFG, "attention_bias": True}, "mlp_bias"),
+        (
+            dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", scale_attn_by_inverse_layer_idx=True),
+            "scale_attn_by_inverse_layer_idx",
+        ),
+        (
+            dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", scale_attn_weights=False),
+            "scale_attn_weights",
+        ),
+        (
+            dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="relu"),
+            "activation_function",
+        ),
+    ],
+)
 def test_unsupported_config(tmp_path, load_error, cfg, needle):
     path = write_config(tmp_path / "m", **cfg)
     load_error(path, path, needle)

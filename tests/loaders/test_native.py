@@ -1,4 +1,5 @@
 """qkvx's native format: save -> load is exact, and the folder holds model.safetensors + qkvx.json."""
+
 import json
 
 import pytest
@@ -11,8 +12,16 @@ GPT = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=100, max_positions=64)
 LLAMA = dict(GPT, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_inner=64)
 
 
-@pytest.mark.parametrize("variant,fields", [("QKV", GPT), ("Q-K=V", GPT), ("Q=K-V", dict(GPT, tie_embeddings=False)),
-                                            ("Q-MQA", LLAMA), ("GQA-2", dict(LLAMA, tie_embeddings=False))])
+@pytest.mark.parametrize(
+    "variant,fields",
+    [
+        ("QKV", GPT),
+        ("Q-K=V", GPT),
+        ("Q=K-V", dict(GPT, tie_embeddings=False)),
+        ("Q-MQA", LLAMA),
+        ("GQA-2", dict(LLAMA, tie_embeddings=False)),
+    ],
+)
 def test_round_trip(tmp_path, variant, fields):
     spec = qkvx.ModelSpec.from_paper_name(variant, **fields)
     model = Transformer(spec).init_weights(seed=0).eval()
@@ -26,4 +35,3 @@ def test_round_trip(tmp_path, variant, fields):
     tokens = torch.randint(0, spec.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), model(tokens))
-

@@ -2,13 +2,14 @@
 (qkvx.bench.release: DDP `module.` keys, causal-mask buffers, asdict() configs, a real AdamW state,
 the published format with val_metrics), for all 8 variants, checked against an independent
 re-implementation of the paper model written here in plain torch ops."""
+
 import math
 
 import pytest
 import torch
 
 import qkvx
-from qkvx.bench.release import DDP, adamw_state, build, model_config, train_config, write_checkpoint
+from qkvx.bench.release import adamw_state, build, model_config, train_config, write_checkpoint
 from qkvx.spec import cache_layout
 
 C, H, L, V, P = 32, 4, 2, 100, 64  # n_embd, heads, layers, vocab, positions
@@ -23,7 +24,11 @@ def release(tmp_path, variant, kind="training", name="ckpt.pt", **opts):
     checkpoint of `variant` with trained-looking (drifted) weights."""
     path = write_checkpoint(tmp_path / name, variant, kind=kind, drift=0.1, **{**DIMS, **opts})
     obj = torch.load(path, weights_only=True)
-    sd = {k.removeprefix("module."): v for k, v in obj["model_state_dict"].items() if not k.endswith(".attn.bias")}
+    sd = {
+        k.removeprefix("module."): v
+        for k, v in obj["model_state_dict"].items()
+        if not k.endswith(".attn.bias")
+    }
     return path, sd, obj["model_config"]
 
 
@@ -55,7 +60,7 @@ def reference_logits(sd, cfg, variant, tokens):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(L):
         h = layernorm(x, f"h.{i}.ln_1")
-        a = lambda name: lin(h, f"h.{i}.attn.{name}")  # noqa: E731
+        a = lambda name: lin(h, f"h.{i}.attn.{name}")  # noqa: B023 (used in this iteration only)
         g = cfg.get("n_kv_groups", H)
         if variant == "QKV":
             q, k, v = a("c_attn").split(C, dim=-1)
@@ -83,17 +88,24 @@ def reference_logits(sd, cfg, variant, tokens):
     return layernorm(x, "ln_f") @ head.T
 
 
-CASES = [(v, "training", {}) for v in VARIANTS] + [(v, "final", {}) for v in VARIANTS] + [
-    ("GQA-2", "training", dict(tie_word_embeddings=False)),
-    ("Q-GQA-2", "final", dict(tie_word_embeddings=False)),
-    ("MQA", "training", dict(tie_word_embeddings=False, use_bias=False)),
-    ("Q=K-V", "final", dict(use_bias=False)),
-    ("Q-K=V", "training", dict(use_bias=False, tie_word_embeddings=False)),
-]
+CASES = (
+    [(v, "training", {}) for v in VARIANTS]
+    + [(v, "final", {}) for v in VARIANTS]
+    + [
+        ("GQA-2", "training", dict(tie_word_embeddings=False)),
+        ("Q-GQA-2", "final", dict(tie_word_embeddings=False)),
+        ("MQA", "training", dict(tie_word_embeddings=False, use_bias=False)),
+        ("Q=K-V", "final", dict(use_bias=False)),
+        ("Q-K=V", "training", dict(use_bias=False, tie_word_embeddings=False)),
+    ]
+)
 
 
-@pytest.mark.parametrize("variant,kind,opts", CASES,
-                         ids=[f"{v}-{k}-{'-'.join(f'{a}={x}' for a, x in o.items())}" for v, k, o in CASES])
+@pytest.mark.parametrize(
+    "variant,kind,opts",
+    CASES,
+    ids=[f"{v}-{k}-{'-'.join(f'{a}={x}' for a, x in o.items())}" for v, k, o in CASES],
+)
 def test_release_checkpoint_matches_reference(tmp_path, variant, kind, opts):
     path, sd, cfg = release(tmp_path, variant, kind, **opts)
     model = qkvx.load(path)
@@ -110,7 +122,9 @@ def test_release_checkpoint_matches_reference(tmp_path, variant, kind, opts):
     assert release_meta["train_config"]["learning_rate"] == 2e-4
     if kind == "final":
         vm = release_meta["val_metrics"]
-        assert vm["perplexity"] == pytest.approx(math.exp(vm["loss"])) and vm["bpc"] == pytest.approx(vm["loss"] / math.log(2))
+        assert vm["perplexity"] == pytest.approx(math.exp(vm["loss"])) and vm["bpc"] == pytest.approx(
+            vm["loss"] / math.log(2)
+        )
     torch.manual_seed(1)
     tokens = torch.randint(0, V, (2, 24))
     with torch.no_grad():
@@ -126,12 +140,32 @@ def test_release_fixture_has_every_key(tmp_path):
     mask buffers, AdamW's state for every parameter."""
     path, _, _ = release(tmp_path, "Q-MQA")
     obj = torch.load(path, weights_only=True)
-    assert list(obj) == ["step", "epoch", "tokens_seen", "model_state_dict", "optimizer_state_dict",
-                         "model_config", "train_config"]
-    assert list(obj["model_config"]) == ["vocab_size", "n_positions", "n_layer", "n_embd", "n_head",
-                                         "n_kv_groups", "n_inner", "embd_pdrop", "resid_pdrop", "attn_pdrop",
-                                         "layer_norm_epsilon", "initializer_range", "use_bias",
-                                         "tie_word_embeddings", "use_flash_attention"]
+    assert list(obj) == [
+        "step",
+        "epoch",
+        "tokens_seen",
+        "model_state_dict",
+        "optimizer_state_dict",
+        "model_config",
+        "train_config",
+    ]
+    assert list(obj["model_config"]) == [
+        "vocab_size",
+        "n_positions",
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "n_kv_groups",
+        "n_inner",
+        "embd_pdrop",
+        "resid_pdrop",
+        "attn_pdrop",
+        "layer_norm_epsilon",
+        "initializer_range",
+        "use_bias",
+        "tie_word_embeddings",
+        "use_flash_attention",
+    ]
     assert "n_kv_groups" not in model_config("Q-K=V") and model_config("GQA-8", n_head=32)["n_kv_groups"] == 8
     sd = obj["model_state_dict"]
     assert all(k.startswith("module.") for k in sd) and sd["module.h.1.attn.bias"].shape == (1, 1, P, P)
@@ -139,11 +173,23 @@ def test_release_fixture_has_every_key(tmp_path):
     opt = obj["optimizer_state_dict"]
     params = [k for k in sd if not k.endswith(".attn.bias")]
     assert len(opt["state"]) == len(params) and opt["param_groups"][0]["params"] == list(range(len(params)))
-    assert all(st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].shape == sd["module." + params[i].removeprefix("module.")].shape
-               for i, st in opt["state"].items())
-    final = torch.load(write_checkpoint(tmp_path / "final.pt", "Q-K=V", kind="final", **DIMS), weights_only=True)
-    assert list(final) == ["step", "epoch", "tokens_seen", "model_state_dict", "val_metrics", "model_config",
-                           "train_config"]
+    assert all(
+        st["exp_avg"].dtype == torch.float32
+        and st["exp_avg_sq"].shape == sd["module." + params[i].removeprefix("module.")].shape
+        for i, st in opt["state"].items()
+    )
+    final = torch.load(
+        write_checkpoint(tmp_path / "final.pt", "Q-K=V", kind="final", **DIMS), weights_only=True
+    )
+    assert list(final) == [
+        "step",
+        "epoch",
+        "tokens_seen",
+        "model_state_dict",
+        "val_metrics",
+        "model_config",
+        "train_config",
+    ]
     assert set(final["val_metrics"]) == {"loss", "perplexity", "bpc"}
 
 
@@ -155,8 +201,12 @@ def test_assembled_adamw_state_equals_one_optimizer():
     a, b = build(cfg, "GQA-2", seed=3), build(cfg, "GQA-2", seed=3)
     assembled = adamw_state(a, tcfg, seed=5)
     gen = torch.Generator().manual_seed(5)
-    opt = torch.optim.AdamW(b.parameters(), lr=tcfg["learning_rate"], betas=(tcfg["beta1"], tcfg["beta2"]),
-                            weight_decay=tcfg["weight_decay"])
+    opt = torch.optim.AdamW(
+        b.parameters(),
+        lr=tcfg["learning_rate"],
+        betas=(tcfg["beta1"], tcfg["beta2"]),
+        weight_decay=tcfg["weight_decay"],
+    )
     for p in b.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
     opt.step()
@@ -166,7 +216,7 @@ def test_assembled_adamw_state_equals_one_optimizer():
     for i, st in one["state"].items():
         for key, value in st.items():
             assert torch.equal(assembled["state"][i][key], value), (i, key)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=False))
 
 
 def test_variant_spellings_of_the_release():
@@ -212,11 +262,14 @@ def test_compiled_ddp_prefixes(tmp_path):
     """torch.compile inside DDP (`module._orig_mod.`): the release comments it out, others do not."""
     path, _, _ = release(tmp_path, "Q-MQA")
     obj = torch.load(path, weights_only=True)
-    obj["model_state_dict"] = {k.replace("module.", "module._orig_mod.", 1): v for k, v in obj["model_state_dict"].items()}
+    obj["model_state_dict"] = {
+        k.replace("module.", "module._orig_mod.", 1): v for k, v in obj["model_state_dict"].items()
+    }
     assert qkvx.load(resave(path, obj)).spec.paper_name == "Q-MQA"
 
 
 # ---- unknown config keys --------------------------------------------------------------------------
+
 
 def test_unknown_key_names_the_flag_that_proceeds(tmp_path, load_error):
     path, _, _ = release(tmp_path, "Q-K=V")
@@ -228,9 +281,14 @@ def test_unknown_key_names_the_flag_that_proceeds(tmp_path, load_error):
     assert qkvx.load(path, ignore_config_keys=("use_fused_adam",)).spec.paper_name == "Q-K=V"
 
 
-@pytest.mark.parametrize("key,value,why", [("rotary", True, "rotary positions"),
-                                           ("activation_function", "relu", "MLP activation"),
-                                           ("scale_attn_by_inverse_layer_idx", True, "rescales")])
+@pytest.mark.parametrize(
+    "key,value,why",
+    [
+        ("rotary", True, "rotary positions"),
+        ("activation_function", "relu", "MLP activation"),
+        ("scale_attn_by_inverse_layer_idx", True, "rescales"),
+    ],
+)
 def test_math_keys_refused_with_reason_and_not_ignorable(tmp_path, load_error, key, value, why):
     path, _, _ = release(tmp_path, "QKV")
     obj = torch.load(path, weights_only=True)
@@ -245,12 +303,22 @@ def test_release_encoders_have_no_kv_cache(tmp_path, load_error):
     """The release's synthetic-task encoders and ViT classifiers: one line saying exactly why."""
     for model, task in (("Encoder", "sorting"), ("ViT", "cifar10")):
         path = tmp_path / f"{model}.pt"
-        torch.save({"task": task, "variant": "Q-K=V", "model": model, "config": {"d_model": 64, "n_layers": 2},
-                    "test_accuracy": 0.97, "model_state_dict": {"encoder.weight": torch.zeros(2, 2)}}, path)
+        torch.save(
+            {
+                "task": task,
+                "variant": "Q-K=V",
+                "model": model,
+                "config": {"d_model": 64, "n_layers": 2},
+                "test_accuracy": 0.97,
+                "model_state_dict": {"encoder.weight": torch.zeros(2, 2)},
+            },
+            path,
+        )
         load_error(path, path, model, task, "no KV cache")
 
 
 # ---- bad inputs: one QkvxError line naming the file and the key or shape at fault ---------------
+
 
 def test_missing_keys(tmp_path, load_error):
     path, _, _ = release(tmp_path, "QKV")
@@ -266,9 +334,14 @@ def test_unexpected_keys(tmp_path, load_error):
     load_error(resave(path, obj), path, "unexpected keys", "h.0.mlp.gate.weight")
 
 
-@pytest.mark.parametrize("name,shape", [("h.1.mlp.c_fc.weight", (4 * C, C + 1)),
-                                        ("h.1.attn.c_k.weight", (C, C - 1)),
-                                        ("wpe.weight", (P - 1, C))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("h.1.mlp.c_fc.weight", (4 * C, C + 1)),
+        ("h.1.attn.c_k.weight", (C, C - 1)),
+        ("wpe.weight", (P - 1, C)),
+    ],
+)
 def test_shape_mismatch_names_tensor(tmp_path, load_error, name, shape):
     path, _, _ = release(tmp_path, "Q-K=V")
     obj = torch.load(path, weights_only=True)
@@ -289,7 +362,9 @@ class _Payload:
 def test_code_in_pickle_is_never_run(tmp_path, load_error):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"model_state_dict": {"wte.weight": _Payload(marker)}, "model_config": model_config("QKV")}, path)
+    torch.save(
+        {"model_state_dict": {"wte.weight": _Payload(marker)}, "model_config": model_config("QKV")}, path
+    )
     load_error(path, path, "never runs code")
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
@@ -323,9 +398,14 @@ def test_kv_groups_not_dividing_heads(tmp_path, load_error):
     load_error(resave(path, obj), path, "n_kv_groups=3")
 
 
-@pytest.mark.parametrize("variant,groups,tensor", [("MQA", 4, "h.0.attn.c_kv.weight"),  # [2D, C]
-                                                   ("Q-GQA-2", 1, "h.0.attn.c_k.weight"),  # [2D, C]
-                                                   ("QKV", 2, "h.0.attn.c_attn.weight")])
+@pytest.mark.parametrize(
+    "variant,groups,tensor",
+    [
+        ("MQA", 4, "h.0.attn.c_kv.weight"),  # [2D, C]
+        ("Q-GQA-2", 1, "h.0.attn.c_k.weight"),  # [2D, C]
+        ("QKV", 2, "h.0.attn.c_attn.weight"),
+    ],
+)
 def test_config_contradicts_weights(tmp_path, load_error, variant, groups, tensor):
     path, _, _ = release(tmp_path, variant)
     obj = torch.load(path, weights_only=True)

@@ -1,4 +1,5 @@
 """The one attention: shared projections alias exactly the tensors the paper says they do."""
+
 import pytest
 import torch
 
@@ -28,9 +29,12 @@ def _as_qkv(model: Transformer) -> Transformer:
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("name", ["Q=K-V", "Q-K=V", "Q=K=V", "Q-GQA-2", "Q-MQA"])
 def test_shared_variant_equals_unshared_twin(name, family):
-    extra = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False) if family == "llama" else {}
     torch.manual_seed(0)
-    model = Transformer(ModelSpec.from_paper_name(name, **DIMS, **extra)).init_weights(1).eval()
+    model = (
+        Transformer(ModelSpec.for_family(family, name, **DIMS, n_inner=4 * DIMS["n_embd"]))
+        .init_weights(1)
+        .eval()
+    )
     tokens = torch.randint(0, 97, (2, 23))
     with torch.no_grad():
         diff = (model(tokens) - _as_qkv(model)(tokens)).abs().max().item()

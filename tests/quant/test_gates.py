@@ -2,8 +2,9 @@
 top-2 margin exceeds the recipe's noise, and the mean / 99th-percentile KL divergence gates the
 rest. Random-weight models (near-flat logits) pass; broken or zeroed quantizations still fail; a
 trained model's top-1 is what it was."""
-import torch
+
 import pytest
+import torch
 
 import qkvx
 from qkvx.api import export
@@ -15,18 +16,10 @@ from qkvx.recipes import Gates, load_recipe
 @pytest.fixture(scope="module")
 def random_llama(tmp_path_factory):
     """The issue's case: transformers' LlamaForCausalLM, 2 layers, 2 kv heads, k_proj = v_proj,
-    random weights. It loads as Q-GQA-2."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    random weights (qkvx.bench.quality measures the same model). It loads as Q-GQA-2."""
+    from qkvx.bench.quality import random_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.v_proj.weight.copy_(layer.self_attn.k_proj.weight)
-    out = tmp_path_factory.mktemp("llama") / "hf"
-    model.save_pretrained(out)
+    out = random_llama(tmp_path_factory.mktemp("llama") / "hf")
     assert qkvx.load(out).spec.paper_name == "Q-GQA-2"
     return out
 
@@ -34,10 +27,12 @@ def random_llama(tmp_path_factory):
 @pytest.mark.parametrize("recipe", ["onnx-int4", "onnx-int4-kv8", "pte-8da4w-kv8"])
 def test_random_weight_quantized_exports_pass(random_llama, tmp_path, recipe):
     """Before: refused at top-1 0.74-0.84 with perplexity unchanged; most positions are near ties."""
-    manifest = export(random_llama, recipe, tmp_path / recipe)
+    manifest = export(random_llama, recipe, tmp_path / recipe).to_dict()
     (p,) = manifest["parity"].values()
-    print(f"{recipe}: top-1 {p['top1_agreement']:.3f} over {p['positions'] - p['near_ties']} decisive of "
-          f"{p['positions']} (all: {p['top1_all']:.3f}), KL {p['kl_mean']:.2e} p99 {p['kl_p99']:.2e}")
+    print(
+        f"{recipe}: top-1 {p['top1_agreement']:.3f} over {p['positions'] - p['near_ties']} decisive of "
+        f"{p['positions']} (all: {p['top1_all']:.3f}), KL {p['kl_mean']:.2e} p99 {p['kl_p99']:.2e}"
+    )
     assert p["passed"] and p["near_ties"] > p["positions"] / 2  # flat logits: mostly near ties
     assert p["top1_all"] < 0.9  # what the old gate counted, and failed on
     assert p["kl_mean"] < load_recipe(recipe).gates.max_kl
@@ -45,7 +40,7 @@ def test_random_weight_quantized_exports_pass(random_llama, tmp_path, recipe):
 
 def test_trained_model_keeps_its_top1(trained_kv, tmp_path):
     """Peaked logits: almost no position is a near tie, so top-1 is what it always was."""
-    manifest = export(trained_kv, "onnx-int8", tmp_path / "int8")
+    manifest = export(trained_kv, "onnx-int8", tmp_path / "int8").to_dict()
     (p,) = manifest["parity"].values()
     assert p["passed"] and p["near_ties"] <= 0.1 * p["positions"]
     assert abs(p["top1_agreement"] - p["top1_all"]) <= 0.02 and p["top1_agreement"] >= 0.95
@@ -110,10 +105,12 @@ def test_kl_gate_fails_a_runtime_that_drifts(trained_kv):
 
         def _forward(self, tokens):
             out = super()._forward(tokens)
-            return out + torch.randn(out.shape, generator=torch.Generator().manual_seed(len(self.history))) * 2
+            return (
+                out + torch.randn(out.shape, generator=torch.Generator().manual_seed(len(self.history))) * 2
+            )
 
     gates = Gates(max_rel_dlogit=None, min_top1=0.0, max_kl=1e-2, max_kl_p99=1e-1)
-    p = check_parity(model, Noisy(model), torch.arange(64) + 32, 16, gates)
+    p = check_parity(model, Noisy(model=model), torch.arange(64) + 32, 16, gates)
     assert not p.passed and {"kl", "kl_p99"} <= set(p.failed)
-    clean = check_parity(model, EagerRunner(model), torch.arange(64) + 32, 16, gates)
+    clean = check_parity(model, EagerRunner(model=model), torch.arange(64) + 32, 16, gates)
     assert clean.passed and clean.kl_mean < 1e-9

@@ -2,6 +2,7 @@
 runs in onnxruntime and meets its gates; only the weight MatMuls are quantized (attention and the
 tied head stay fp32); the int8 cache graph follows DESIGN.md 4 and cache_layout; a broken
 quantization fails `qkvx export` with exit code 1 naming the gate; generate runs on int4-kv8."""
+
 import dataclasses
 import json
 import subprocess
@@ -17,26 +18,31 @@ import qkvx
 from qkvx import ModelSpec, cache_layout
 from qkvx.api import export
 from qkvx.devices import load_device
+from qkvx.export import onnx_quant as onnx_weights
 from qkvx.export.onnx import export_onnx, read_graph
 from qkvx.harness.ort import OrtRunner, ort_session
 from qkvx.harness.ort_feed import OrtStepper
 from qkvx.harness.parity import check_parity
 from qkvx.models.transformer import Transformer
-from qkvx.quant import onnx_weights
 from qkvx.recipes import Gates, load_recipe
+
+from tiny import model as _tiny
 
 RECIPES = ["onnx-int8", "onnx-int4", "onnx-int4-kv8", "onnx-fp32-kv8"]
 QUANT_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
-_EXPORTS: dict = {}  # recipe -> manifest, out dir: one export per recipe per test worker
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def exported(trained_kv, tmp_path_factory):
+    """recipe -> (manifest dict, out dir): one export per recipe for the session."""
+    cache: dict = {}
+
     def get(recipe):
-        if recipe not in _EXPORTS:
+        if recipe not in cache:
             out = tmp_path_factory.mktemp(recipe) / "out"
-            _EXPORTS[recipe] = export(trained_kv, recipe, out), out
-        return _EXPORTS[recipe]
+            cache[recipe] = export(trained_kv, recipe, out).to_dict(), out
+        return cache[recipe]
+
     return get
 
 
@@ -45,8 +51,10 @@ def test_recipe_exports_runs_and_meets_its_gates(exported, recipe):
     manifest, out = exported(recipe)
     r = load_recipe(recipe)
     p = manifest["parity"]["onnx"]
-    print(f"{recipe}: ppl {p['ppl']:.3f} vs {p['ppl_ref']:.3f} ({100 * p['ppl_change']:+.2f} %), "
-          f"top-1 {p['top1_agreement']:.3f}, {manifest['artifacts'][0]['bytes']:,} B")
+    print(
+        f"{recipe}: ppl {p['ppl']:.3f} vs {p['ppl_ref']:.3f} ({100 * p['ppl_change']:+.2f} %), "
+        f"top-1 {p['top1_agreement']:.3f}, {manifest['artifacts'][0]['bytes']:,} B"
+    )
     assert p["passed"] and p["failed"] == [] and p["bound"] is None  # quantized: no logit gate
     assert p["ppl_change"] <= r.gates.max_ppl_change and p["top1_agreement"] >= r.gates.min_top1
     assert manifest["recipe"]["weights"] == r.weights and manifest["cache"]["dtype"] == r.kv_cache
@@ -56,7 +64,9 @@ def test_recipe_exports_runs_and_meets_its_gates(exported, recipe):
     assert manifest["cache"]["graph_cache_bytes_per_token"] == cache_layout(spec, r.kv_cache).bytes_per_token
     if r.weights != "none":
         info = manifest["export"]["weights"]
-        assert info["scheme"] == r.weights and json.loads(graph.metadata["qkvx.weights"])["scheme"] == r.weights
+        assert (
+            info["scheme"] == r.weights and json.loads(graph.metadata["qkvx.weights"])["scheme"] == r.weights
+        )
         # the artifact IS the quantized model: well under the fp32 weights
         assert manifest["artifacts"][0]["bytes"] < 0.7 * 4 * spec.param_count()
     # the runtime the manifest names runs the artifact: prefill then decode
@@ -120,18 +130,19 @@ def test_int8_preset_recipe_device_host(monkeypatch):
     assert onnx_weights.preset_for_isa(("aarch64", "asimd", "asimddp")) == "arm64"
 
 
-@pytest.mark.parametrize("family,name,fused", [("gpt", "Q-K=V", False), ("llama", "Q-K=V", False),
-                                               ("llama", "GQA-2", False), ("llama", "Q-K=V", True)])
+@pytest.mark.parametrize(
+    "family,name,fused",
+    [("gpt", "Q-K=V", False), ("llama", "Q-K=V", False), ("llama", "GQA-2", False), ("llama", "Q-K=V", True)],
+)
 def test_int8_cache_graph_contract_and_parity(tmp_path, family, name, fused):
     """DESIGN.md 4: per cache tensor an int8 [batch, kv_heads, past, head_dim] input and output with
     a float32 `_scale` [batch, kv_heads, past, 1] beside it; the graph's bytes per token equal
     cache_layout(spec, "int8"). One int8 tensor per K=V layer (with RoPE rotated on read), two
     otherwise. Decoding appends: the past comes back unchanged, only new tokens are quantized.
     fused: attention through onnxruntime's MultiHeadAttention (the present dequantized for it)."""
-    extra = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_inner=160) if family == "llama" else {}
-    spec = ModelSpec.from_paper_name(name, n_layer=2, n_embd=64, n_head=4, vocab_size=128, max_positions=128, **extra)
-    model = Transformer(spec).init_weights(0, std=0.1).eval()
-    export_onnx(model, tmp_path, kv_cache="int8", fused_attention=fused)
+    model = _tiny(name, family)
+    spec = model.spec
+    export_onnx(model, tmp_path, kv_cache="int8", attention="mha" if fused else "plain")
     graph, layout = read_graph(tmp_path / "model.onnx"), cache_layout(spec, "int8")
     names = [f"{i}.{n}{s}" for i in range(spec.n_layer) for n in layout.names for s in ("", "_scale")]
     assert list(graph.inputs)[3:] == [f"past_key_values.{n}" for n in names]
@@ -142,13 +153,20 @@ def test_int8_cache_graph_contract_and_parity(tmp_path, family, name, fused):
         past, present = graph.inputs[f"past_key_values.{n}"], graph.outputs[f"present.{n}"]
         assert past == (want[0], ["batch_size", G, "past_sequence_length", want[1]])
         assert present == (want[0], ["batch_size", G, "past_sequence_length + sequence_length", want[1]])
-    assert graph.cache_bytes_per_token() == layout.bytes_per_token == spec.n_layer * len(layout.names) * G * (D + 4)
+    assert (
+        graph.cache_bytes_per_token()
+        == layout.bytes_per_token
+        == spec.n_layer * len(layout.names) * G * (D + 4)
+    )
     assert json.loads(graph.metadata["qkvx.cache"]) == layout.to_dict()
     # the runner's empty past comes from the graph: int8 [1, G, 0, D] and float32 [1, G, 0, 1]
     stepper = OrtStepper(ort_session(tmp_path / "model.onnx"))
     assert {n: (a.dtype, a.shape) for n, a in stepper.past.items()} == {
-        f"past_key_values.{n}": (np.dtype(np.float32), (1, G, 0, 1)) if n.endswith("_scale")
-        else (np.dtype(np.int8), (1, G, 0, D)) for n in names}
+        f"past_key_values.{n}": (np.dtype(np.float32), (1, G, 0, 1))
+        if n.endswith("_scale")
+        else (np.dtype(np.int8), (1, G, 0, D))
+        for n in names
+    }
     tokens = torch.randint(0, 128, (80,), generator=torch.Generator().manual_seed(1))
     p = check_parity(model, OrtRunner(tmp_path / "model.onnx"), tokens, 16, Gates(None, min_top1=0.95))
     assert p.passed and p.max_abs_dlogit < 0.05 * p.max_abs_logit, p
@@ -159,7 +177,9 @@ def test_int8_cache_graph_contract_and_parity(tmp_path, family, name, fused):
         assert np.array_equal(stepper.past[n][:, :, :16], a) and stepper.past[n].shape[2] == 17
     scales = [a for n, a in stepper.past.items() if n.endswith("_scale")]
     values = [a for n, a in stepper.past.items() if not n.endswith("_scale")]
-    assert all((s > 0).all() for s in scales) and max(np.abs(v).max() for v in values) == 127  # symmetric, max|x| -> 127
+    assert (
+        all((s > 0).all() for s in scales) and max(np.abs(v).max() for v in values) == 127
+    )  # symmetric, max|x| -> 127
 
 
 @pytest.mark.parametrize("name,reference,bound", [("Q-K=V", "Q-K=V", 0.55), ("Q-MQA", "QKV", 1.1 / 64)])
@@ -174,7 +194,9 @@ def test_paper_300m_int8_cache_from_the_graph(tmp_path, name, reference, bound):
     per_token = read_graph(tmp_path / "model.onnx").cache_bytes_per_token() * full.n_layer
     assert per_token == cache_layout(full, "int8").bytes_per_token
     fp16 = cache_layout(ModelSpec.from_paper_name(reference, preset="paper-300m"), "fp16").bytes_per_token
-    print(f"paper-300m {name} int8: {per_token} B/token = {per_token / fp16:.4f} of fp16 {reference} ({fp16} B)")
+    print(
+        f"paper-300m {name} int8: {per_token} B/token = {per_token / fp16:.4f} of fp16 {reference} ({fp16} B)"
+    )
     assert per_token <= bound * fp16
 
 
@@ -204,13 +226,17 @@ def test_broken_quantization_fails_export_with_exit_1(trained_kv, tmp_path, monk
 
 def test_cli_generate_on_int4_kv8(exported):
     _, out = exported("onnx-int4-kv8")
-    r = subprocess.run([sys.executable, "-m", "qkvx", "generate", str(out), "-p", "def main", "-n", "16"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "qkvx", "generate", str(out), "-p", "def main", "-n", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def main") and "tokens/s" in r.stdout
 
 
 def _heldout(n):
-    from qkvx.train import split_corpus
+    from qkvx.corpus import split_corpus
 
     return split_corpus()[1][:n]

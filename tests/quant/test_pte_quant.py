@@ -5,6 +5,7 @@ quantized model (the torchao module before export, through the same decode form)
 the fp32 model whose distance quantization itself sets. A deliberately broken quantization must make
 `qkvx export` fail its gates.
 """
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import torch
 import qkvx
 from qkvx import ModelSpec, cache_layout
 from qkvx.api import export
+from qkvx.corpus import split_corpus
+from qkvx.decode import DecodeModel
 from qkvx.export.executorch import custom_ops, export_pte
-from qkvx.export.pipeline import PARITY_PREFILL
 from qkvx.harness.pte import PteRunner
 from qkvx.harness.runners import Runner
 from qkvx.models.attention import sdpa
@@ -24,12 +26,12 @@ from qkvx.models.transformer import Transformer
 from qkvx.quant import dequantize_int8, quantize_int8
 from qkvx.quant.weights import quantize_for_pte, quantized_linears
 from qkvx.recipes import load_recipe
-from qkvx.rewrite import DecodeModel
-from qkvx.train import split_corpus
+from qkvx.validate import PREFILL as PARITY_PREFILL
+
+from tiny import DIMS
+from tiny import model as _tiny
 
 PTE_RECIPES = ["pte-8da8w", "pte-8da4w", "pte-8da4w-kv8", "pte-fp32-kv8"]
-DIMS = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, max_positions=128)
-LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_inner=160)
 
 
 class EagerDecode(Runner):
@@ -53,11 +55,13 @@ class EagerDecode(Runner):
 
 def run_stream(runner, tokens, prefill=PARITY_PREFILL):
     runner.reset()
-    return torch.cat([runner.prefill(tokens[:prefill])] + [runner.decode(int(t))[None] for t in tokens[prefill:]])
+    return torch.cat(
+        [runner.prefill(tokens[:prefill])] + [runner.decode(int(t))[None] for t in tokens[prefill:]]
+    )
 
 
 def heldout(n, offset=0):
-    return split_corpus()[1][offset:offset + n]
+    return split_corpus()[1][offset : offset + n]
 
 
 @pytest.mark.parametrize("recipe", PTE_RECIPES)
@@ -67,10 +71,12 @@ def test_recipe_exports_runs_meets_gates_and_matches_eager_quantized(trained_kv,
     same decode form and cache dtype): the check that catches a lowering that drops or mangles
     scales, which must agree far closer than quantization moves the logits."""
     r = load_recipe(recipe)
-    manifest = export(trained_kv, recipe, tmp_path / "out")
+    manifest = export(trained_kv, recipe, tmp_path / "out").to_dict()
     p = manifest["parity"]["pte"]
-    print(f"{recipe}: ppl {p['ppl']:.3f} vs {p['ppl_ref']:.3f} ({100 * p['ppl_change']:+.2f} %), "
-          f"top-1 {p['top1_agreement']:.3f}, {manifest['artifacts'][0]['bytes']} B")
+    print(
+        f"{recipe}: ppl {p['ppl']:.3f} vs {p['ppl_ref']:.3f} ({100 * p['ppl_change']:+.2f} %), "
+        f"top-1 {p['top1_agreement']:.3f}, {manifest['artifacts'][0]['bytes']} B"
+    )
     assert p["passed"] and not p["failed"] and p["bound"] is None  # quantized: no logit gate
     assert p["ppl_change"] <= r.gates.max_ppl_change and p["top1_agreement"] >= r.gates.min_top1
     assert manifest["recipe"]["weights"] == r.weights and manifest["cache"]["dtype"] == r.kv_cache
@@ -79,15 +85,19 @@ def test_recipe_exports_runs_meets_gates_and_matches_eager_quantized(trained_kv,
     tokens = heldout(80, offset=1000)
     quantized = quantize_for_pte(model, r.weights, r.group_size)
     n_linears = len(quantized_linears(quantized))
-    assert n_linears == (0 if r.weights == "none" else 5 * model.spec.n_layer)  # q, kv, o, fc, proj; lm_head fp32
+    assert n_linears == (
+        0 if r.weights == "none" else 5 * model.spec.n_layer
+    )  # q, kv, o, fc, proj; lm_head fp32
     eager_q = run_stream(EagerDecode(quantized, 96, r.kv_cache), tokens)
     pte = run_stream(PteRunner(tmp_path / "out" / "model.pte"), tokens)
     with torch.no_grad():
         fp32 = model(tokens[None])[0]
     lowering, quantization = (pte - eager_q).abs().max().item(), (eager_q - fp32).abs().max().item()
     scale = eager_q.abs().max().item()
-    print(f"{recipe}: max|pte - eager quantized| {lowering:.3g}, max|eager quantized - fp32| "
-          f"{quantization:.3g}, max|logit| {scale:.3g}")
+    print(
+        f"{recipe}: max|pte - eager quantized| {lowering:.3g}, max|eager quantized - fp32| "
+        f"{quantization:.3g}, max|logit| {scale:.3g}"
+    )
     # 8da8w and the int8 cache lower exactly (~1e-6). 8da4w does not: XNNPACK keeps 4-bit group
     # scales in bf16 (rounding the eager scales to bf16 removes most of the difference), measured
     # up to 0.15 of the quantization error and 0.3 % of the largest logit. A dropped or scaled
@@ -101,8 +111,11 @@ def test_recipe_exports_runs_meets_gates_and_matches_eager_quantized(trained_kv,
         assert cache["program_cache_bytes"] == fp32_cache_bytes and cache["program_zero_point_bytes"] == 0
     else:  # one int8 kv tensor + its fp32 scales per layer, and ONE shared zero-point constant
         assert cache["tensors_per_layer"] == 1
-        assert cache["program_cache_buffers"] == {f"caches.{i}.{n}": s for i in range(2) for n, s in
-                                                  (("kv", [1, 256, 4, 16]), ("kv_scale", [1, 256, 4, 1]))}
+        assert cache["program_cache_buffers"] == {
+            f"caches.{i}.{n}": s
+            for i in range(2)
+            for n, s in (("kv", [1, 256, 4, 16]), ("kv_scale", [1, 256, 4, 1]))
+        }
         assert cache["program_cache_bytes"] == cache["bytes_at_context"] == 256 * 2 * 4 * (16 + 4)
         assert cache["program_zero_point_bytes"] == 256 * 4
 
@@ -112,12 +125,17 @@ def test_quantize_for_pte_copies_and_handles_the_tied_head():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert quantize_for_pte(model, "none") is model
     q = quantize_for_pte(model, "8da8w")
-    assert set(quantized_linears(q)) == {f"blocks.{i}.{n}" for i in range(2) for n in
-                                         ("attn.q_proj", "attn.k_proj", "attn.o_proj", "mlp.fc", "mlp.proj")}
+    assert set(quantized_linears(q)) == {
+        f"blocks.{i}.{n}"
+        for i in range(2)
+        for n in ("attn.q_proj", "attn.k_proj", "attn.o_proj", "mlp.fc", "mlp.proj")
+    }
     assert q.lm_head.weight is q.tok_emb.weight  # tied head left fp32 (and tied)
     head = quantize_for_pte(model, "8da4w", 16, quantize_lm_head=True)
     assert "lm_head" in quantized_linears(head) and torch.equal(head.tok_emb.weight, model.tok_emb.weight)
-    assert not quantized_linears(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not quantized_linears(model) and all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )
     assert model.lm_head.weight is model.tok_emb.weight  # the caller's model is untouched, still tied
     with pytest.raises(qkvx.QkvxError, match="unknown .pte weight scheme"):
         quantize_for_pte(model, "int3")
@@ -140,10 +158,15 @@ def test_broken_quantization_fails_qkvx_export(trained_kv, tmp_path):
         "w.quantize_for_pte = broken\n"
         "from qkvx.cli import main\n"
         "sys.argv = ['qkvx', *sys.argv[1:]]\n"
-        "main()\n")
+        "main()\n"
+    )
     out = tmp_path / "broken"
-    r = subprocess.run([sys.executable, "-c", script, "export", str(trained_kv), "-r", "pte-8da8w", "-o", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", script, "export", str(trained_kv), "-r", "pte-8da8w", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(r.stderr[-600:])
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()[-1]
@@ -152,6 +175,7 @@ def test_broken_quantization_fails_qkvx_export(trained_kv, tmp_path):
 
 
 # ---- the int8 cache --------------------------------------------------------------------------------
+
 
 class FakeQuantCache:
     """Reference CacheStrategy over the full sequence: what an int8 cache should compute. Keys and
@@ -170,8 +194,7 @@ class FakeQuantCache:
 
 
 def _small(name, family, seed=0):
-    spec = ModelSpec.from_paper_name(name, **{**DIMS, **(LLAMA if family == "llama" else {})})
-    return Transformer(spec).init_weights(seed, std=0.1).eval()
+    return _tiny(name, family, seed)
 
 
 def _reference(model, tokens):
@@ -181,8 +204,18 @@ def _reference(model, tokens):
         return model(tokens[None], None, caches)[0], model(tokens[None])[0]
 
 
-@pytest.mark.parametrize("family,name", [("gpt", "QKV"), ("gpt", "Q-K=V"), ("gpt", "Q-MQA"), ("gpt", "GQA-2"),
-                                         ("llama", "QKV"), ("llama", "Q-K=V"), ("llama", "Q-MQA")])
+@pytest.mark.parametrize(
+    "family,name",
+    [
+        ("gpt", "QKV"),
+        ("gpt", "Q-K=V"),
+        ("gpt", "Q-MQA"),
+        ("gpt", "GQA-2"),
+        ("llama", "QKV"),
+        ("llama", "Q-K=V"),
+        ("llama", "Q-MQA"),
+    ],
+)
 def test_int8_cache_eager_matches_fake_quant_reference(family, name):
     model = _small(name, family)
     tokens = torch.randint(0, DIMS["vocab_size"], (80,), generator=torch.Generator().manual_seed(1))
@@ -208,7 +241,9 @@ def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name):
     assert err <= 0.1 * quant and (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.98
     layout = cache_layout(model.spec, "int8")
     names = layout.names
-    assert set(plan.cache_buffers) == {f"caches.{i}.{n}{s}" for i in range(2) for n in names for s in ("", "_scale")}
+    assert set(plan.cache_buffers) == {
+        f"caches.{i}.{n}{s}" for i in range(2) for n in names for s in ("", "_scale")
+    }
     assert plan.cache_buffers[f"caches.0.{names[0]}"] == [1, 96, 4, 16]
     assert plan.cache_buffers[f"caches.0.{names[0]}_scale"] == [1, 96, 4, 1]
     assert plan.cache_bytes == layout.bytes_at(96) == 96 * 2 * len(names) * 4 * (16 + 4)
@@ -234,7 +269,10 @@ def test_int8_cache_ratios_paper_300m_from_the_artifact(tmp_path):
         held[name] = plan.cache_bytes + plan.zero_point_bytes
     fp16_kv = cache_layout(ModelSpec.from_paper_name("Q-K=V", **dims), "fp16").bytes_at(T)
     fp16_qkv = cache_layout(ModelSpec.from_paper_name("QKV", **dims), "fp16").bytes_at(T)
-    ratios = {"Q-K=V int8 / fp16 Q-K=V": held["Q-K=V"] / fp16_kv, "Q-MQA int8 / fp16 QKV": held["Q-MQA"] / fp16_qkv}
+    ratios = {
+        "Q-K=V int8 / fp16 Q-K=V": held["Q-K=V"] / fp16_kv,
+        "Q-MQA int8 / fp16 QKV": held["Q-MQA"] / fp16_qkv,
+    }
     print(json.dumps(ratios))
     assert held["Q-K=V"] == T * 16 * (64 + 4) + T * 16 and held["Q-MQA"] == T * (64 + 4) + T
     assert ratios["Q-K=V int8 / fp16 Q-K=V"] <= 0.55

@@ -12,6 +12,7 @@ custom op uses the C API of version 21; onnxruntime keeps older API versions, so
 
     python -m qkvx.export.ortops        # fetch the headers if needed, build, print the path
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 from qkvx.errors import QkvxError
+from qkvx.util import cpu_flags
 
 DOMAIN, OP = "qkvx", "CachedAttention"
 SOURCE = Path(__file__).with_name("cached_attention.cc")
@@ -33,7 +35,9 @@ CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shar
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QKVX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "qkvx")
+    root = os.environ.get("QKVX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "qkvx"
+    )
     return Path(root) / "ortops"
 
 
@@ -43,14 +47,19 @@ def _has_header(d: Path) -> bool:
 
 def include_dir(fetch: bool = True) -> Path:
     """The directory holding onnxruntime's API headers; fetched from Debian when nowhere here."""
-    candidates = [os.environ.get("QKVX_ORT_INCLUDE"), "/usr/include/onnxruntime",
-                  cache_dir() / "headers/usr/include/onnxruntime"]
+    candidates = [
+        os.environ.get("QKVX_ORT_INCLUDE"),
+        "/usr/include/onnxruntime",
+        cache_dir() / "headers/usr/include/onnxruntime",
+    ]
     for c in candidates:
         if c and _has_header(Path(c)):
             return Path(c)
     if not fetch:
-        raise QkvxError("onnxruntime's C/C++ API headers not found (set QKVX_ORT_INCLUDE, or run "
-                        "`python -m qkvx.export.ortops` to fetch Debian's libonnxruntime-dev)")
+        raise QkvxError(
+            "onnxruntime's C/C++ API headers not found (set QKVX_ORT_INCLUDE, or run "
+            "`python -m qkvx.export.ortops` to fetch Debian's libonnxruntime-dev)"
+        )
     return fetch_headers()
 
 
@@ -58,23 +67,39 @@ def fetch_headers() -> Path:
     """Download Debian's libonnxruntime-dev with apt-get (a private sources list and state, so the
     system's apt configuration is untouched) and unpack its headers under the cache."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise QkvxError("onnxruntime's API headers are not here and there is no apt-get to fetch Debian's "
-                        f"{DEBIAN_PACKAGE}: set QKVX_ORT_INCLUDE to a directory holding {HEADER}")
+        raise QkvxError(
+            "onnxruntime's API headers are not here and there is no apt-get to fetch Debian's "
+            f"{DEBIAN_PACKAGE}: set QKVX_ORT_INCLUDE to a directory holding {HEADER}"
+        )
     apt = cache_dir() / "apt"
     (apt / "lists/partial").mkdir(parents=True, exist_ok=True)
     (apt / "archives/partial").mkdir(parents=True, exist_ok=True)
     sources = apt / "sources.list"
-    sources.write_text("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-                       f"http://deb.debian.org/debian {DEBIAN_SUITE} main\n")
-    opts = ["-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
-            "-o", f"Dir::State::Lists={apt / 'lists'}", "-o", f"Dir::Cache::Archives={apt / 'archives'}",
-            "-o", "APT::Sandbox::User=root", "-q"]
+    sources.write_text(
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+        f"http://deb.debian.org/debian {DEBIAN_SUITE} main\n"
+    )
+    opts = [
+        "-o",
+        f"Dir::Etc::SourceList={sources}",
+        "-o",
+        "Dir::Etc::SourceParts=/dev/null",
+        "-o",
+        f"Dir::State::Lists={apt / 'lists'}",
+        "-o",
+        f"Dir::Cache::Archives={apt / 'archives'}",
+        "-o",
+        "APT::Sandbox::User=root",
+        "-q",
+    ]
 
     def run(*cmd, cwd=None):
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if r.returncode:
-            raise QkvxError(f"fetching onnxruntime's headers: `{' '.join(map(str, cmd[:2]))}` failed: "
-                            f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+            raise QkvxError(
+                f"fetching onnxruntime's headers: `{' '.join(map(str, cmd[:2]))}` failed: "
+                f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+            )
 
     run("apt-get", *opts, "update")
     run("apt-get", *opts, "download", DEBIAN_PACKAGE, cwd=apt)
@@ -89,28 +114,25 @@ def fetch_headers() -> Path:
     return inc
 
 
-def _cpu_flags() -> str:
-    """The host's instruction-set flags (-march=native builds for them)."""
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
 def library_path(fetch: bool = True) -> Path:
     """The built custom-op library (built now if this source, these headers and flags have not been)."""
     inc = include_dir(fetch)
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise QkvxError("no C++ compiler (g++) to build qkvx's onnxruntime custom op")
-    key = hashlib.sha256(SOURCE.read_bytes() + (inc / "onnxruntime_c_api.h").read_bytes()
-                         + " ".join([cxx, *CXXFLAGS, os.uname().machine, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + (inc / "onnxruntime_c_api.h").read_bytes()
+        + " ".join([cxx, *CXXFLAGS, os.uname().machine, " ".join(cpu_flags())]).encode()
+    ).hexdigest()[:16]
     lib = cache_dir() / key / "libqkvx_ortops.so"
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run([cxx, *CXXFLAGS, f"-I{inc}", str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    r = subprocess.run(
+        [cxx, *CXXFLAGS, f"-I{inc}", str(SOURCE), "-o", str(tmp)], capture_output=True, text=True
+    )
     if r.returncode:
         raise QkvxError(f"building qkvx's onnxruntime custom op failed:\n{r.stderr.strip()[-2000:]}")
     tmp.replace(lib)  # atomic: parallel builders (test workers) each write their own file
@@ -126,4 +148,3 @@ def uses_custom_ops(model_path: str | Path) -> bool:
     except Exception:  # not an ONNX file: the session reports it
         return False
     return any(o.domain == DOMAIN for o in proto.opset_import)
-

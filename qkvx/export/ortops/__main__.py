@@ -1,4 +1,6 @@
-"""python -m qkvx.export.ortops: fetch onnxruntime's headers if needed, build the custom op, print its path."""
+"""python -m qkvx.export.ortops: fetch onnxruntime's headers if needed, build the custom op,
+print its path."""
+
 import sys
 
 from qkvx.errors import QkvxError

@@ -14,11 +14,10 @@ initializer MatMul; to quantize it, the transposed embedding becomes an initiali
 (the fp32 embedding stays for the token lookup). After quantization a node census proves that
 exactly the chosen MatMuls became quantized nodes, and the contract check (check_graph) runs again.
 """
+
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import platform
 import tempfile
 from collections import Counter
@@ -26,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from qkvx.errors import QkvxError
+from qkvx.util import cpu_flags, quiet
 
-# Measured (demo Q-K=V model for accuracy, an 8 x 512 one for decode speed at 1024 tokens):
-# per channel is as accurate as per tensor (+0.17 % vs +0.05 % perplexity, within noise; top-1 99.0 %
-# vs 98.8 %) and ~7 % faster; asymmetric int4 blocks cost half the perplexity of symmetric ones
-# (+1.2 % vs +2.4 %). The restriction to weight MatMuls: optimum's default (attention MatMuls and
-# the tied head too) decoded 1.6-2x slower with top-1 97.5 % instead of 99.0 %.
+# Chosen by measurement (README, quantization): per channel is as accurate as per tensor and
+# faster; asymmetric int4 blocks cost less perplexity than symmetric ones; restricting to weight
+# MatMuls is both faster and more accurate than optimum's default (attention MatMuls, tied head).
 PER_CHANNEL = True  # int8: one scale per output channel
 INT4_SYMMETRIC = False  # int4: asymmetric blocks with a uint4 zero point (MatMulNBits' default)
 QUANT_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
@@ -40,16 +38,10 @@ LM_HEAD_OUTPUT = "logits"
 
 # ---------------------------------------------------------------- preset choice
 
+
 def host_isa() -> tuple[str, ...]:
     """This CPU's architecture and flags (/proc/cpuinfo "flags" on x86, "Features" on arm64)."""
-    flags: list[str] = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags = value.split()
-                break
-    return (platform.machine(), *flags)
+    return (platform.machine(), *cpu_flags())
 
 
 def preset_for_isa(features: tuple[str, ...] | list[str]) -> str:
@@ -71,6 +63,7 @@ def int8_preset(recipe, device=None) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- which MatMuls
 
+
 def weight_matmuls(proto, quantize_lm_head: bool = False) -> list[str]:
     """Names of the MatMul nodes to quantize: those whose B is an initializer, the LM head (the
     MatMul that writes `logits`) only with quantize_lm_head. A tied head (B = Transpose of the
@@ -83,19 +76,25 @@ def weight_matmuls(proto, quantize_lm_head: bool = False) -> list[str]:
     if quantize_lm_head and head is not None and head.input[1] not in inits:
         producer = next((n for n in graph.node if head.input[1] in n.output), None)
         if producer is None or producer.op_type != "Transpose" or producer.input[0] not in inits:
-            raise QkvxError("quantize_lm_head: the LM head's weight is neither an initializer nor a "
-                            "transposed one; cannot quantize it")
+            raise QkvxError(
+                "quantize_lm_head: the LM head's weight is neither an initializer nor a "
+                "transposed one; cannot quantize it"
+            )
         w = numpy_helper.to_array(inits[producer.input[0]])
         perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), None)
         name = f"{producer.input[0]}.T"
         graph.initializer.append(numpy_helper.from_array(w.transpose(perm).copy(), name))
         head.input[1] = name
         inits[name] = graph.initializer[-1]
-        if not any(producer.output[0] in n.input for n in graph.node) and producer.output[0] not in \
-                {o.name for o in graph.output}:
+        if not any(producer.output[0] in n.input for n in graph.node) and producer.output[0] not in {
+            o.name for o in graph.output
+        }:
             graph.node.remove(producer)
-    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits
-            and (quantize_lm_head or n is not head)]
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and (quantize_lm_head or n is not head)
+    ]
 
 
 def _lm_head(graph):
@@ -112,8 +111,10 @@ def _lm_head(graph):
 def census(proto) -> dict[str, int]:
     """Node counts of the ops weight quantization creates or leaves."""
     counts = Counter(n.op_type for n in proto.graph.node)
-    return {op: counts.get(op, 0) for op in ("MatMul", "MatMulInteger", "DynamicQuantizeLinear",
-                                              "DynamicQuantizeMatMul", "MatMulNBits")}
+    return {
+        op: counts.get(op, 0)
+        for op in ("MatMul", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits")
+    }
 
 
 def _check_census(before, after, chosen: list[str], scheme: str) -> dict[str, int]:
@@ -123,26 +124,15 @@ def _check_census(before, after, chosen: list[str], scheme: str) -> dict[str, in
     counts = census(after)
     want = all_matmuls - set(chosen)
     if left != want or counts[QUANT_OPS[scheme]] != len(chosen):
-        raise QkvxError(f"weight quantization ({scheme}) census: {counts[QUANT_OPS[scheme]]} {QUANT_OPS[scheme]} "
-                        f"nodes for {len(chosen)} weight MatMuls; fp32 MatMuls left {sorted(left)}, "
-                        f"expected {sorted(want)}")
+        raise QkvxError(
+            f"weight quantization ({scheme}) census: {counts[QUANT_OPS[scheme]]} {QUANT_OPS[scheme]} "
+            f"nodes for {len(chosen)} weight MatMuls; fp32 MatMuls left {sorted(left)}, "
+            f"expected {sorted(want)}"
+        )
     return counts
 
 
 # ---------------------------------------------------------------- quantizers
-
-@contextlib.contextmanager
-def _quiet():
-    """optimum and onnxruntime's quantizers log per node and warn about the missing HF config."""
-    loggers = [logging.getLogger(), logging.getLogger("optimum"), logging.getLogger("onnxruntime")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _int8(proto, nodes: list[str], preset: str, work: Path):
@@ -159,10 +149,12 @@ def _int8(proto, nodes: list[str], preset: str, work: Path):
     src = work / "in" / "model.onnx"
     src.parent.mkdir()
     large = len(save_proto(proto, src.parent)) > 1  # over 2 GiB a protobuf needs external data
-    config = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=PER_CHANNEL,
-                                                     nodes_to_quantize=nodes, operators_to_quantize=["MatMul"])
-    ORTQuantizer(src, config=PretrainedConfig()).quantize(config, save_dir=work / "out", file_suffix=None,
-                                                          use_external_data_format=large)
+    config = getattr(AutoQuantizationConfig, preset)(
+        is_static=False, per_channel=PER_CHANNEL, nodes_to_quantize=nodes, operators_to_quantize=["MatMul"]
+    )
+    ORTQuantizer(src, config=PretrainedConfig()).quantize(
+        config, save_dir=work / "out", file_suffix=None, use_external_data_format=large
+    )
     return onnx.load(str(work / "out" / "model.onnx"))
 
 
@@ -172,9 +164,15 @@ def _int4(proto, nodes: list[str], block_size: int, accuracy_level: int | None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
-    q = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=INT4_SYMMETRIC,
-                             accuracy_level=accuracy_level, nodes_to_exclude=others,
-                             op_types_to_quantize=("MatMul",))
+    q = MatMulNBitsQuantizer(
+        proto,
+        bits=4,
+        block_size=block_size,
+        is_symmetric=INT4_SYMMETRIC,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=others,
+        op_types_to_quantize=("MatMul",),
+    )
     q.process()
     return q.model.model
 
@@ -189,25 +187,38 @@ def quantize_onnx_weights(out_dir: str | Path, recipe, spec, device=None) -> tup
 
     scheme = recipe.weights
     if scheme not in QUANT_OPS:
-        raise QkvxError(f"recipe {recipe.name!r}: ONNX weights {scheme!r} unknown; known: none, {', '.join(QUANT_OPS)}")
+        raise QkvxError(
+            f"recipe {recipe.name!r}: ONNX weights {scheme!r} unknown; known: none, {', '.join(QUANT_OPS)}"
+        )
     out_dir = Path(out_dir)
     proto = onnx.load(str(out_dir / ONNX_FILE))
     before = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)  # structure only, for the census
     nodes = weight_matmuls(proto, recipe.quantize_lm_head)
     if not nodes:
         raise QkvxError(f"recipe {recipe.name!r}: the graph has no weight MatMul to quantize")
-    info: dict[str, Any] = {"scheme": scheme, "quantized_matmuls": len(nodes),
-                            "lm_head": "quantized" if recipe.quantize_lm_head else "fp32"}
-    with _quiet():
+    info: dict[str, Any] = {
+        "scheme": scheme,
+        "quantized_matmuls": len(nodes),
+        "lm_head": "quantized" if recipe.quantize_lm_head else "fp32",
+    }
+    with quiet("", "optimum", "onnxruntime"):  # the quantizers log per node
         if scheme == "int8":
             preset, source = int8_preset(recipe, device)
-            info.update(library="optimum ORTQuantizer (dynamic)", preset=preset, preset_from=source,
-                        per_channel=PER_CHANNEL)
+            info.update(
+                library="optimum ORTQuantizer (dynamic)",
+                preset=preset,
+                preset_from=source,
+                per_channel=PER_CHANNEL,
+            )
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant-") as work:
                 quantized = _int8(proto, nodes, preset, Path(work))
         else:
-            info.update(library="onnxruntime MatMulNBitsQuantizer", block_size=recipe.group_size,
-                        accuracy_level=recipe.accuracy_level, symmetric=INT4_SYMMETRIC)
+            info.update(
+                library="onnxruntime MatMulNBitsQuantizer",
+                block_size=recipe.group_size,
+                accuracy_level=recipe.accuracy_level,
+                symmetric=INT4_SYMMETRIC,
+            )
             quantized = _int4(proto, nodes, recipe.group_size, recipe.accuracy_level)
     info["census"] = _check_census(before, quantized, nodes, scheme)
     meta = {p.key: p.value for p in before.metadata_props}
