@@ -219,10 +219,10 @@ def _import_runtime(fmt: str):
     if fmt == "pte":
         from executorch.runtime import Runtime
 
-        from qkvx.decode import load_custom_ops
+        from qkvx.decode import load_kernels
 
         Runtime.get()
-        load_custom_ops()
+        load_kernels()
     else:
         import onnxruntime  # noqa: F401
     runner_class(fmt)  # the runner modules import their runtime now, before the baseline is read

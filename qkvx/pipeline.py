@@ -116,6 +116,7 @@ def _lower(model, recipe: Recipe, seq: int, tmp: Path, eos: list[int]) -> tuple[
             group_size=recipe.group_size,
             quantize_lm_head=recipe.quantize_lm_head,
             kv_cache=recipe.kv_cache,
+            kernels=recipe.attention_kind,
             inplace=True,
         )
         return (

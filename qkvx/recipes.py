@@ -19,12 +19,14 @@ FORMATS = {"pte": ("xnnpack",), "onnx": ("cpu",)}
 # Weight schemes per format: ExecuTorch uses torchao (8-bit dynamic activations with int4 groups or
 # int8 channels); ONNX uses onnxruntime's dynamic int8 (optimum ORTQuantizer) and MatMulNBits int4.
 WEIGHTS = {"pte": ("none", "8da4w", "8da8w"), "onnx": ("none", "int8", "int4")}
-KV_CACHE = ("fp32", "int8")
-# How each format's artifact attends; the first is the default. onnx: plain ONNX ops; mha:
+KV_CACHE = ("fp32", "fp16", "int8")
+# How each format's artifact attends; the first is the default. pte: qkvx's kernels (qkvx.kernels),
+# or ExecuTorch's LLM custom ops (llama::custom_sdpa) for apps that link only those. onnx: plain
+# ONNX ops; mha:
 # onnxruntime's MultiHeadAttention reading the one K=V cache as key and value; rotary: mha, and a
 # RoPE K=V layer's keys rotated by onnxruntime's RotaryEmbedding; custom: qkvx.CachedAttention,
 # qkvx's onnxruntime op (append and attend in one pass, keys rotated as they are read).
-ATTENTION = {"pte": ("llama",), "onnx": ("plain", "mha", "rotary", "custom")}
+ATTENTION = {"pte": ("qkvx", "llama"), "onnx": ("plain", "mha", "rotary", "custom")}
 INT8_PRESETS = ("arm64", "avx2", "avx512_vnni")
 
 
@@ -77,7 +79,7 @@ class Recipe:
     accuracy_level: int | None = 4  # onnx int4: MatMulNBits accuracy_level (4 = int8 compute)
     int8_preset: str | None = None  # onnx int8: optimum preset; None = from the device, else the host
     quantize_lm_head: bool = False  # the (often tied) output projection, quantized or kept fp32
-    kv_cache: str = "fp32"  # fp32 | int8 (symmetric, one scale per token and kv head)
+    kv_cache: str = "fp32"  # fp32 | fp16 | int8 (symmetric, one scale per token and kv head)
     attention: str | None = None  # how the artifact attends (ATTENTION); None: the format's first
     max_seq_len: int | None = None  # None: the model's max_positions
     prefill_chunk: int = 64
@@ -110,6 +112,10 @@ class Recipe:
             raise QkvxError(
                 f"{src}: attention {self.attention!r} not available for {self.format}; "
                 f"known: {', '.join(ATTENTION[self.format])}"
+            )
+        if self.kv_cache == "fp16" and (self.format, self.attention_kind) != ("pte", "qkvx"):
+            raise QkvxError(
+                f"{src}: an fp16 cache needs qkvx's ExecuTorch kernels (format pte, attention qkvx)"
             )
         if self.attention in ("rotary", "custom") and (self.kv_cache != "fp32" or self.weights != "none"):
             raise QkvxError(f"{src}: attention {self.attention!r} is built for fp32 weights and cache only")

@@ -26,10 +26,10 @@ def profile_pte(path: str | Path, context: int, steps: int = 12) -> dict[str, fl
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib as pl
 
-    from qkvx.decode import load_custom_ops
+    from qkvx.decode import load_kernels
     from qkvx.harness.runners import one_thread
 
-    load_custom_ops()
+    load_kernels()
     one_thread("pte")
     module = pl._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
     for i in range(steps):  # decode steps ending at position context - 1 (content does not change cost)

@@ -6,6 +6,6 @@ ExecuTorch, past_present.py as past -> present tensors for ONNX, onnx_ops.py the
 """
 
 from qkvx.decode.past_present import OnnxDecodeModel, cache_io_names
-from qkvx.decode.static import DecodeModel, load_custom_ops
+from qkvx.decode.static import DecodeModel, load_custom_ops, load_kernels
 
-__all__ = ["DecodeModel", "OnnxDecodeModel", "cache_io_names", "load_custom_ops"]
+__all__ = ["DecodeModel", "OnnxDecodeModel", "cache_io_names", "load_custom_ops", "load_kernels"]

@@ -1,8 +1,15 @@
-"""The ExecuTorch decode form: the cache as in-place buffers written at input_pos.
+"""The ExecuTorch decode form: the cache as in-place buffers written at input_pos, one per layer
+where k = v (passed as key and value cache), with the attention ops of one of two kernel sets:
 
-StaticCache / DecodeModel: buffers [1, max_seq_len, G, D] written with ExecuTorch's LLM custom ops
-(llama::update_cache, llama::custom_sdpa). A K=V layer registers ONE buffer and passes it as key and
-value cache. int8: int8 buffer(s) + fp32 scales, read by llama::custom_quantized_sdpa.
+  qkvx (default)  KernelCache: buffers [1, G, S, D] (kv heads before tokens, so a head's rows are
+                  contiguous) in fp32, fp16 or int8 (+ fp32 scales [1, G, S, 1]), written by
+                  qkvx::update_cache(_int8) and read by qkvx::attend (qkvx.kernels): each row is read
+                  once for its score and its value, and with RoPE and k = v the kernel rotates each
+                  key as it reads it, so no rotated copy of the cache is ever written.
+  llama           StaticCache: buffers [1, S, G, D] with ExecuTorch's LLM custom ops
+                  (llama::update_cache, llama::custom_sdpa; int8: llama::custom_quantized_sdpa), for
+                  apps that link only ExecuTorch's own LLM kernels. RoPE with k = v rotates the valid
+                  prefix into a transient at every step.
 """
 
 from __future__ import annotations
@@ -20,6 +27,14 @@ from qkvx.util import check_max_seq_len
 def load_custom_ops() -> None:
     """Register torch.ops.llama.* (eager CPU kernels and the Meta kernels export needs)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+def load_kernels() -> None:
+    """Both kernel sets a .pte may use, in PyTorch and in ExecuTorch's Python runtime: qkvx's
+    (qkvx.kernels) and ExecuTorch's LLM custom ops."""
+    import qkvx.kernels  # noqa: F401
+
+    load_custom_ops()
 
 
 STATIC_CACHE_DTYPES = {"fp32": torch.float32, "int8": torch.int8}
@@ -125,27 +140,97 @@ class _StaticView:
         )
 
 
+class KernelCache(nn.Module):
+    """One layer's cache for qkvx's kernels: buffer `kv` (k = v) or `key` + `value`, each
+    [1, G, max_seq_len, D] in the layout's dtype; int8 with an fp32 `<name>_scale` [1, G, S, 1]."""
+
+    DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+
+    def __init__(self, layout: CacheLayout, max_seq_len: int):
+        super().__init__()
+        if layout.dtype not in self.DTYPES:
+            raise QkvxError(
+                f"qkvx kernel cache dtype {layout.dtype!r} unsupported; known: {', '.join(self.DTYPES)}"
+            )
+        self.names, self.quantized = layout.names, layout.dtype == "int8"
+        shape = (1, layout.kv_heads, max_seq_len, layout.head_dim)
+        for name in layout.names:
+            self.register_buffer(name, torch.zeros(shape, dtype=self.DTYPES[layout.dtype]), persistent=False)
+            if self.quantized:
+                self.register_buffer(f"{name}_scale", torch.zeros(shape[:3] + (1,)), persistent=False)
+
+    def view(self, start_pos, seq_len: int) -> "_KernelView":
+        return _KernelView(self, start_pos)
+
+
+class _KernelView:
+    """The CacheStrategy of one forward call: update_and_attend writes the new rows and attends in
+    one qkvx::attend over rows [0, start_pos + T). Where k = v the same buffer (and scales) serve as
+    keys and values; with RoPE the kernel gets the tables and rotates keys as it reads them."""
+
+    def __init__(self, cache: KernelCache, start_pos):
+        self.cache, self.start_pos = cache, start_pos
+
+    def _write(self, x: Tensor, name: str) -> None:
+        if self.cache.quantized:
+            torch.ops.qkvx.update_cache_int8(
+                x, getattr(self.cache, name), getattr(self.cache, f"{name}_scale"), self.start_pos
+            )
+        else:
+            torch.ops.qkvx.update_cache(x, getattr(self.cache, name), self.start_pos)
+
+    def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor | None, rope) -> Tensor:
+        """q [1, T, H, D] (rotated), k / v [1, T, G, D] (k un-rotated where v is None) -> [1, T, H, D]."""
+        names = self.cache.names
+        self._write(k, names[0])
+        if v is not None:
+            self._write(v, names[1])
+        buf = lambda i: getattr(self.cache, names[i])  # noqa: E731
+        scale = lambda i: getattr(self.cache, f"{names[i]}_scale") if self.cache.quantized else None  # noqa: E731
+        shared = v is None
+        tables = (rope.cos, rope.sin) if shared and rope is not None else (None, None)
+        return torch.ops.qkvx.attend(
+            q,
+            buf(0),
+            None if shared else buf(1),
+            scale(0),
+            None if shared else scale(1),
+            *tables,
+            self.start_pos,
+        )
+
+
+KERNELS = ("qkvx", "llama")  # the ExecuTorch attention kernel sets (recipes.ATTENTION["pte"])
+
+
 class DecodeModel(nn.Module):
     """forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab], caching in place.
 
     The ExecuTorch method contract (docs/architecture.md). Tokens are written at
     input_pos .. input_pos + T - 1.
-    kv_dtype: "fp32" or "int8" (symmetric, one fp32 scale per token and kv head; cache_layout).
+    kv_dtype: "fp32", "fp16" (qkvx kernels) or "int8" (symmetric, one fp32 scale per token and kv
+    head; cache_layout). kernels: "qkvx" (qkvx.kernels) or "llama" (ExecuTorch's LLM custom ops).
     """
 
-    def __init__(self, model: Transformer, max_seq_len: int, kv_dtype: str = "fp32"):
+    def __init__(self, model: Transformer, max_seq_len: int, kv_dtype: str = "fp32", kernels: str = "qkvx"):
         super().__init__()
         spec: ModelSpec = model.spec
         check_max_seq_len(max_seq_len, spec.max_positions)
-        load_custom_ops()
-        self.model, self.spec, self.max_seq_len = model, spec, max_seq_len
+        if kernels not in KERNELS:
+            raise QkvxError(f"unknown ExecuTorch kernels {kernels!r}; known: {', '.join(KERNELS)}")
+        if kernels == "qkvx":
+            import qkvx.kernels  # noqa: F401  (registers torch.ops.qkvx.* and the runtime's kernels)
+        else:
+            load_custom_ops()
+        self.model, self.spec, self.max_seq_len, self.kernels = model, spec, max_seq_len, kernels
         self.layout = cache_layout(spec, kv_dtype)
-        self.caches = nn.ModuleList(StaticCache(self.layout, max_seq_len) for _ in range(spec.n_layer))
+        cache = KernelCache if kernels == "qkvx" else StaticCache
+        self.caches = nn.ModuleList(cache(self.layout, max_seq_len) for _ in range(spec.n_layer))
         self.rotate_on_read = spec.kv_shared and spec.positions == "rope"
         # int8 read through llama::custom_quantized_sdpa needs zero points shaped like the scales;
         # symmetric ones are all zero: ONE constant (never written, so not cache state) for every
-        # layer, key and value. RoPE with k = v dequantizes instead and needs none.
-        needs_zp = kv_dtype == "int8" and not self.rotate_on_read
+        # layer, key and value. RoPE with k = v dequantizes instead and needs none; qkvx's kernels none.
+        needs_zp = kv_dtype == "int8" and not self.rotate_on_read and kernels == "llama"
         self.register_buffer(
             "zero_point",
             torch.zeros(1, max_seq_len, spec.n_kv_head, 1, dtype=torch.int8) if needs_zp else None,
@@ -158,7 +243,10 @@ class DecodeModel(nn.Module):
         torch._check(start_pos >= 0)
         torch._check(start_pos + seq_len <= self.max_seq_len)
         positions = torch.arange(seq_len, device=tokens.device) + input_pos  # [T]
-        views = [c.view(start_pos, seq_len, self.rotate_on_read, self.zero_point) for c in self.caches]
+        if self.kernels == "qkvx":
+            views = [c.view(start_pos, seq_len) for c in self.caches]
+        else:
+            views = [c.view(start_pos, seq_len, self.rotate_on_read, self.zero_point) for c in self.caches]
         return self.model(tokens, positions, views)
 
     def reset(self) -> None:

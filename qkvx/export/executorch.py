@@ -23,9 +23,13 @@ from qkvx.models.transformer import Transformer
 from qkvx.spec import ModelSpec, cache_layout
 
 
-def custom_ops(spec: ModelSpec, kv_cache: str = "fp32") -> tuple[str, ...]:
-    """The LLM custom ops the program must hold: an int8 cache is read by the quantized kernel,
-    except with RoPE and k = v, where the dequantized prefix is rotated and read by the float one."""
+def custom_ops(spec: ModelSpec, kv_cache: str = "fp32", kernels: str = "qkvx") -> tuple[str, ...]:
+    """The cache and attention ops the program must hold. qkvx's kernels: update_cache (int8:
+    update_cache_int8) and attend. ExecuTorch's LLM ops: an int8 cache is read by the quantized
+    kernel, except with RoPE and k = v, where the dequantized prefix is rotated and read by the
+    float one."""
+    if kernels == "qkvx":
+        return ("qkvx::update_cache_int8" if kv_cache == "int8" else "qkvx::update_cache", "qkvx::attend")
     int8_kernel = kv_cache == "int8" and not (spec.kv_shared and spec.positions == "rope")
     return ("llama::update_cache", "llama::custom_quantized_sdpa" if int8_kernel else "llama::custom_sdpa")
 
@@ -143,14 +147,16 @@ def export_pte(
     group_size: int = 32,
     quantize_lm_head: bool = False,
     kv_cache: str = "fp32",
+    kernels: str = "qkvx",
     inplace: bool = False,
 ) -> PtePlan:
     """Lower `model` to an XNNPACK-delegated .pte at `path`, with a static cache of max_seq_len tokens.
 
     forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab], 1 <= T <= prefill_chunk.
     weights: none | 8da4w | 8da8w (qkvx.quant.weights; on a copy unless `inplace`, which spares a
-    copy of the weights when the caller no longer needs the fp32 model); kv_cache: fp32 | int8.
-    The program is streamed to the file. Returns its checked plan.
+    copy of the weights when the caller no longer needs the fp32 model); kv_cache: fp32 | fp16
+    (qkvx kernels) | int8; kernels: qkvx | llama (qkvx.decode.static). The program is streamed to
+    the file. Returns its checked plan.
     """
     from qkvx.quant.weights import quantize_for_pte
 
@@ -161,10 +167,10 @@ def export_pte(
         )
     spec = model.spec
     quantized = quantize_for_pte(model.eval(), weights, group_size, quantize_lm_head, inplace=inplace)
-    decode = DecodeModel(quantized, max_seq_len, kv_cache).eval()
+    decode = DecodeModel(quantized, max_seq_len, kv_cache, kernels).eval()
     lower_decode(decode, spec, path, max_seq_len, prefill_chunk, eos_ids)
     plan = read_plan(path)
-    check_plan(plan, spec, max_seq_len, kv_cache)
+    check_plan(plan, spec, max_seq_len, kv_cache, kernels)
     return plan
 
 
@@ -212,12 +218,14 @@ def lower_decode(
         program.write_to_file(f)
 
 
-def check_plan(plan: PtePlan, spec: ModelSpec, max_seq_len: int, kv_cache: str = "fp32") -> None:
+def check_plan(
+    plan: PtePlan, spec: ModelSpec, max_seq_len: int, kv_cache: str = "fp32", kernels: str = "qkvx"
+) -> None:
     """Fail the export unless the custom ops are in the program, no (de)quantization runs outside
     XNNPACK (a quantized Linear it did not take would dequantize its weight at every call), and the
     program holds exactly the cache buffers (count and bytes) that the spec's cache layout says:
     per layer one buffer per cache tensor, with int8 one scale buffer beside each."""
-    ops = custom_ops(spec, kv_cache)
+    ops = custom_ops(spec, kv_cache, kernels)
     missing = [op for op in ops if op not in plan.operators]
     if missing:
         raise QkvxError(

@@ -21,9 +21,9 @@ class PteRunner(Runner):
         super().__init__(path)
         from executorch.runtime import Runtime
 
-        from qkvx.decode import load_custom_ops
+        from qkvx.decode import load_kernels
 
-        load_custom_ops()  # registers llama::update_cache.out / custom_sdpa.out with the runtime
+        load_kernels()  # registers qkvx::* and llama::* kernels with the runtime
         if threads:
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 

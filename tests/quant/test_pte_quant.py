@@ -39,10 +39,10 @@ class EagerDecode(Runner):
 
     name = "eager-decode"
 
-    def __init__(self, model, max_seq_len, kv_dtype="fp32"):
+    def __init__(self, model, max_seq_len, kv_dtype="fp32", kernels="qkvx"):
         super().__init__()
         self.max_seq_len = self.prefill_chunk = max_seq_len
-        self.decode_model = DecodeModel(model, max_seq_len, kv_dtype).eval()
+        self.decode_model = DecodeModel(model, max_seq_len, kv_dtype, kernels).eval()
 
     def reset(self):
         super().reset()
@@ -179,8 +179,9 @@ def test_broken_quantization_fails_qkvx_export(trained_kv, tmp_path):
 
 class FakeQuantCache:
     """Reference CacheStrategy over the full sequence: what an int8 cache should compute. Keys and
-    values are stored quantized (dequantized here); the query is quantized too where the int8
-    kernel reads the cache; with RoPE and k = v the stored tensor is rotated after dequantization."""
+    values are stored quantized (dequantized here); the query is quantized too where ExecuTorch's
+    int8 kernel (llama::custom_quantized_sdpa) reads the cache (qkvx's kernel keeps it fp32); with
+    RoPE and k = v the stored tensor is rotated after dequantization."""
 
     def __init__(self, quantize_query: bool):
         self.quantize_query = quantize_query
@@ -197,13 +198,14 @@ def _small(name, family, seed=0):
     return _tiny(name, family, seed)
 
 
-def _reference(model, tokens):
+def _reference(model, tokens, kernels="qkvx"):
     rope_kv = model.spec.kv_shared and model.spec.positions == "rope"
-    caches = [FakeQuantCache(quantize_query=not rope_kv)] * model.spec.n_layer
+    caches = [FakeQuantCache(quantize_query=kernels == "llama" and not rope_kv)] * model.spec.n_layer
     with torch.no_grad():
         return model(tokens[None], None, caches)[0], model(tokens[None])[0]
 
 
+@pytest.mark.parametrize("kernels", ["qkvx", "llama"])
 @pytest.mark.parametrize(
     "family,name",
     [
@@ -216,25 +218,28 @@ def _reference(model, tokens):
         ("llama", "Q-MQA"),
     ],
 )
-def test_int8_cache_eager_matches_fake_quant_reference(family, name):
+def test_int8_cache_eager_matches_fake_quant_reference(family, name, kernels):
     model = _small(name, family)
     tokens = torch.randint(0, DIMS["vocab_size"], (80,), generator=torch.Generator().manual_seed(1))
-    ref, fp32 = _reference(model, tokens)
-    got = run_stream(EagerDecode(model, 96, "int8"), tokens)
+    ref, fp32 = _reference(model, tokens, kernels)
+    got = run_stream(EagerDecode(model, 96, "int8", kernels), tokens)
     err, quant = (got - ref).abs().max().item(), (ref - fp32).abs().max().item()
     # mostly ~1e-6; an int8 rounding that flips on float noise costs up to ~0.03 of the quantization error
     assert err <= 0.1 * quant, (err, quant)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("kernels", ["qkvx", "llama"])
 @pytest.mark.parametrize("family,name", [("llama", "Q-K=V"), ("gpt", "QKV")])
-def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name):
-    """RoPE with k = v (dequantize, rotate, float kernel) and a two-tensor cache (int8 kernel):
-    the .pte computes the fake-quant reference, and its plan holds exactly the int8 layout."""
+def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name, kernels):
+    """RoPE with k = v and a two-tensor cache, on both kernel sets (qkvx's reads int8 rows with
+    their scales; ExecuTorch's dequantizes, rotates and reads with its float kernel for RoPE K=V,
+    and its int8 kernel otherwise): the .pte computes the fake-quant reference, and its plan holds
+    exactly the int8 layout."""
     model = _small(name, family)
-    plan = export_pte(model, tmp_path / "model.pte", 96, 32, kv_cache="int8")
+    plan = export_pte(model, tmp_path / "model.pte", 96, 32, kv_cache="int8", kernels=kernels)
     tokens = torch.randint(0, DIMS["vocab_size"], (80,), generator=torch.Generator().manual_seed(1))
-    ref, fp32 = _reference(model, tokens)
+    ref, fp32 = _reference(model, tokens, kernels)
     got = run_stream(PteRunner(tmp_path / "model.pte"), tokens)
     err, quant = (got - ref).abs().max().item(), (ref - fp32).abs().max().item()
     print(f"{family} {name}: max|pte - reference| {err:.2e}, max|reference - fp32| {quant:.2e}")
@@ -244,12 +249,13 @@ def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name):
     assert set(plan.cache_buffers) == {
         f"caches.{i}.{n}{s}" for i in range(2) for n in names for s in ("", "_scale")
     }
-    assert plan.cache_buffers[f"caches.0.{names[0]}"] == [1, 96, 4, 16]
-    assert plan.cache_buffers[f"caches.0.{names[0]}_scale"] == [1, 96, 4, 1]
+    shape = [1, 4, 96] if kernels == "qkvx" else [1, 96, 4]  # qkvx: kv heads before tokens
+    assert plan.cache_buffers[f"caches.0.{names[0]}"] == [*shape, 16]
+    assert plan.cache_buffers[f"caches.0.{names[0]}_scale"] == [*shape, 1]
     assert plan.cache_bytes == layout.bytes_at(96) == 96 * 2 * len(names) * 4 * (16 + 4)
-    assert set(custom_ops(model.spec, "int8")) <= set(plan.operators)
+    assert set(custom_ops(model.spec, "int8", kernels)) <= set(plan.operators)
     quantized_kernel = "llama::custom_quantized_sdpa" in plan.operators
-    assert quantized_kernel == (name == "QKV")  # RoPE + k = v reads through the float kernel
+    assert quantized_kernel == (kernels == "llama" and name == "QKV")  # RoPE + k = v: float kernel
     assert plan.zero_points == ([[1, 96, 4, 1]] if quantized_kernel else [])
 
 
