@@ -29,8 +29,9 @@ test: install
 demo: install
 	$(PY) -m qkvx.demo --out $(DEMO)
 
-# Under 30 minutes here: every variant x backend (bench_out/bench.md), the 4096-token decode soak
-# (bench_out/soak/soak.md), and the memory estimator vs measured peak RSS on the ~100M exports.
+# Every variant x backend (bench_out/bench.md), the 4096-token decode soak (bench_out/soak/soak.md),
+# the memory estimator vs measured peak RSS on the ~100M exports, and long-context decode at the
+# paper's width (bench_out/longctx/longctx.md). Times: README.
 bench: export PYTHONUNBUFFERED = 1  # progress lines reach a log as they happen
 bench: install
 	$(QKVX) bench --out bench_out
@@ -38,6 +39,7 @@ bench: install
 	$(QKVX) budget bench_out/models/100M/q_kv/pte-fp32 --measure -c 1024 --markdown > bench_out/budget-measure.md
 	$(QKVX) budget bench_out/models/100M/q_kv/onnx-fp32 --measure -c 1024 --markdown >> bench_out/budget-measure.md
 	cat bench_out/budget-measure.md
+	$(PY) -m qkvx.bench.longctx --out bench_out/longctx
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench_out .pytest_cache

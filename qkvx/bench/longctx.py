@@ -1,173 +1,207 @@
-"""Long-context ONNX decode: ms/token at 1k / 4k / 16k for QKV, Q-K=V and Q-MQA in the GPT
-(learned positions) and Llama (RoPE) families, for each ONNX attention graph.
+"""Long-context decode at the paper's width: ms/token at 1k / 4k / 16k / 32k for QKV, Q-K=V and
+Q-MQA in the GPT (learned positions) and Llama (RoPE) families, on 1 and 2 threads, for
 
-    python -m qkvx.bench.longctx --out DIR [--attention plain,mha,...] [--rounds 3]
+  .pte   qkvx's kernels with an fp32 / fp16 / int8 cache, and ExecuTorch's LLM ops (llama::*) with
+         an fp32 / int8 cache; ETDump's attention share of each step (1 thread);
+  ONNX   each attention graph (plain ONNX ops, mha, rotary, the qkvx custom op).
 
-A paper-300m-wide model (d 1024, 16 heads, head_dim 64), 4 layers, vocab 256, max_positions
-16384, random weights, fp32, one onnxruntime thread. Every (family, variant, attention) is exported
-once, then measured `rounds` times, each time in a fresh process, the configurations interleaved
-(round 1 runs every one before round 2 starts): the machine is shared and noisy, so the median over
-rounds is reported. A decode step's cost depends only on how many cache positions it reads (no
-kernel branches on the data), so each context's steps start from a zero past of c - steps
-positions, as qkvx.bench.worker does.
+    python -m qkvx.bench.longctx --out DIR [--formats pte,onnx] [--rounds 3] [--contexts ...]
+
+A paper-300m-wide model (d 1024, 16 heads of 64, n_inner 4096) with fewer layers (LAYERS) so that
+every cell fits in the time, vocab 256, random weights, fp32 weights. Each artifact is exported
+once, then measured `rounds` times, each in a fresh process (qkvx.bench.longctx_worker), the
+artifacts interleaved round by round, and the median over rounds reported. Each round also
+measures a single-thread streaming read (numpy sum over 1 GiB), the bound the GB/s figures are
+compared with. Every cache position a step reads holds real values (longctx_worker).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-WIDTH = dict(n_layer=4, n_embd=1024, n_head=16, vocab_size=256, max_positions=16384)
+LAYERS = 2
+WIDTH = dict(n_layer=LAYERS, n_embd=1024, n_head=16, n_inner=4096, vocab_size=256, max_positions=32768)
 FAMILIES = ("gpt", "llama")
 VARIANTS = ("QKV", "Q-K=V", "Q-MQA")
-CONTEXTS = (1024, 4096, 16384)
+CONTEXTS = (1024, 4096, 16384, 32768)
+PTE_CACHES = ("qkvx-fp32", "qkvx-fp16", "qkvx-int8", "llama-fp32", "llama-int8")  # kernels-cache dtype
+ONNX_ATTENTION = ("plain", "mha", "rotary", "custom")
 
 
-def spec_for(family: str, variant: str, **overrides):
+@dataclass(frozen=True)
+class Config:
+    format: str  # pte | onnx
+    family: str
+    variant: str
+    kind: str  # pte: "<kernels>-<cache dtype>"; onnx: the attention graph
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}/{self.family}/{self.variant}/{self.kind}"
+
+    def path(self, out: Path) -> Path:
+        name = f"{self.format}-{self.family}-{self.variant.replace('=', '')}-{self.kind}"
+        return out / "models" / name / ("model.pte" if self.format == "pte" else "model.onnx")
+
+
+def spec_for(family: str, variant: str):
     from qkvx.spec import ModelSpec
 
-    return ModelSpec.for_family(family, variant, **{**WIDTH, "n_inner": 4 * WIDTH["n_embd"], **overrides})
+    return ModelSpec.for_family(family, variant, **WIDTH)
 
 
-def export_one(family: str, variant: str, attention: str, out: Path, **overrides) -> Path:
-    from qkvx.export.onnx import export_onnx
-    from qkvx.models.transformer import Transformer
-
-    model = Transformer(spec_for(family, variant, **overrides)).init_weights(0).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, out, attention=attention)
-    return out / "model.onnx"
-
-
-def measure_one(path: Path, contexts, steps: int) -> dict:
-    """In this process: per context, `steps` single-token decode steps; median ms of all but the
-    first two (they warm caches)."""
-    import numpy as np
-
-    from qkvx.bench.worker import _Ort
-
-    rt = _Ort(path)
-    rt.prefill(np.arange(16) % 256)  # first-call allocations, weight prepacking
-    out = {}
-    for c in contexts:
-        rt.seek(c - steps)
-        token, times = 1, []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            token = rt.decode(token)
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[str(c)] = statistics.median(times[2:])
+def configs(formats, families, variants, pte_caches, onnx_attention) -> list[Config]:
+    out = []
+    for family in families:
+        for variant in variants:
+            if "pte" in formats:
+                out += [Config("pte", family, variant, k) for k in pte_caches]
+            if "onnx" in formats:  # rotary differs from mha only where keys are rotated (RoPE)
+                kinds = [a for a in onnx_attention if not (a == "rotary" and family != "llama")]
+                out += [Config("onnx", family, variant, a) for a in kinds]
     return out
 
 
-def run(
-    out: Path,
-    attentions,
-    families=FAMILIES,
-    variants=VARIANTS,
-    contexts=CONTEXTS,
-    rounds: int = 3,
-    steps: int = 10,
-) -> dict:
+def fill_cache(decode) -> None:
+    """Random real values in every cache buffer: N(0, 1) floats; int8 rows over the whole range
+    with scales of a typical magnitude."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    for name, buf in decode.caches.named_buffers():
+        if buf.dtype == torch.int8:
+            buf.copy_(torch.randint(-127, 128, buf.shape, generator=gen, dtype=torch.int8))
+        elif name.endswith("_scale"):
+            buf.copy_(torch.rand(buf.shape, generator=gen) * 0.02 + 0.01)
+        else:
+            buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+
+
+def export(config: Config, path: Path) -> None:
+    """Write the artifact at `path` (temp dir, then rename: an interrupted export leaves none)."""
+    import shutil
+
+    from qkvx.models.transformer import Transformer
+
+    spec = spec_for(config.family, config.variant)
+    model = Transformer(spec).init_weights(0).eval()
+    tmp = path.parent.with_name(path.parent.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if config.format == "pte":
+        from qkvx.decode import DecodeModel
+        from qkvx.export.executorch import check_plan, lower_decode, read_plan
+
+        kernels, kv = config.kind.split("-")
+        decode = DecodeModel(model, spec.max_positions, kv, kernels).eval()
+        fill_cache(decode)
+        lower_decode(decode, spec, tmp / path.name, spec.max_positions, 8, initial_cache=True)
+        check_plan(read_plan(tmp / path.name), spec, spec.max_positions, kv, kernels)
+    else:
+        from qkvx.export.onnx import export_onnx
+
+        export_onnx(model, tmp, attention=config.kind)
+    shutil.rmtree(path.parent, ignore_errors=True)
+    tmp.rename(path.parent)
+
+
+def measure(config: Config, path: Path, contexts, threads, steps: int, profile: bool) -> dict:
+    arg = dict(
+        format=config.format,
+        path=str(path),
+        contexts=list(contexts),
+        threads=list(threads),
+        steps=steps,
+        profile=profile,
+    )
+    cmd = [sys.executable, "-m", "qkvx.bench.longctx_worker", json.dumps(arg)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{config.key}: worker failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: int) -> dict:
+    """Export what is missing, then measure every config `rounds` times, interleaved. Returns (and
+    writes to out/longctx.json) {"stream_gbs": [...], "runs": {key: [worker result per round]}}."""
+    import numpy as np
+
+    from qkvx.kernels.bench_attend import stream_bandwidth
+
     out.mkdir(parents=True, exist_ok=True)
-    configs = []
-    for attention in attentions:
-        for family in families:
-            for variant in variants:
-                d = out / "models" / f"{family}-{variant.replace('=', '')}-{attention}"
-                if not (d / "model.onnx").exists():
-                    t0 = time.perf_counter()
-                    export_one(family, variant, attention, d)
-                    print(f"exported {d.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-                configs.append((family, variant, attention, d / "model.onnx"))
-    runs: dict = {}
+    for cfg in cfgs:
+        path = cfg.path(out)
+        if not path.exists():
+            t0 = time.perf_counter()
+            export(cfg, path)
+            print(f"exported {cfg.key} in {time.perf_counter() - t0:.0f} s", flush=True)
+    big = np.ones(256 * 1024 * 1024, dtype=np.float32)  # 1 GiB, every page written
+    result: dict = {"contexts": list(contexts), "threads": list(threads), "stream_gbs": [], "runs": {}}
     for r in range(rounds):
-        for family, variant, attention, path in configs:
-            cmd = [
-                sys.executable,
-                "-m",
-                "qkvx.bench.longctx",
-                "--one",
-                str(path),
-                "--contexts",
-                ",".join(map(str, contexts)),
-                "--steps",
-                str(steps),
-            ]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            ms = json.loads(res.stdout.strip().splitlines()[-1])
-            runs.setdefault(f"{family}/{variant}/{attention}", []).append(ms)
+        result.setdefault("load", []).append(os.getloadavg()[0])
+        result["stream_gbs"].append(stream_bandwidth(big) / 1e9)
+        for i, cfg in enumerate(cfgs):
+            profile = cfg.format == "pte" and r == 0  # ETDump once: shares vary less than times
+            res = measure(cfg, cfg.path(out), contexts, threads, steps, profile)
+            result["runs"].setdefault(cfg.key, []).append(res)
+            one = res["ms"][str(threads[0])]
             print(
-                f"round {r + 1} {family} {variant} {attention}: "
-                + " ".join(f"{c}={v:.1f}" for c, v in ms.items()),
+                f"round {r + 1}/{rounds} [{i + 1}/{len(cfgs)}] {cfg.key}: "
+                + " ".join(f"{c}={v:.1f}" for c, v in one.items()),
                 flush=True,
             )
-    result = {key: {c: statistics.median(m[c] for m in ms) for c in ms[0]} for key, ms in runs.items()}
-    (out / "longctx.json").write_text(json.dumps({"median_ms": result, "runs": runs}, indent=2) + "\n")
-    return runs
+        (out / "longctx.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
-def _ratio(runs: dict, base: str, key: str, c: str) -> float | None:
-    """Median over rounds of base ms / key ms, each round's pair measured minutes apart at most."""
-    if base not in runs:
-        return None
-    return statistics.median(b[c] / k[c] for b, k in zip(runs[base], runs[key], strict=False))
+def median_ms(result: dict, key: str, threads: int, context: int) -> float | None:
+    runs = result["runs"].get(key)
+    return statistics.median(r["ms"][str(threads)][str(context)] for r in runs) if runs else None
 
 
-def to_markdown(runs: dict) -> str:
-    contexts = list(next(iter(runs.values()))[0])
-    lines = [
-        "| family | variant | attention | " + " | ".join(f"{int(c):,}" for c in contexts) + " |",
-        "|---|---|---|" + "---|" * len(contexts),
-    ]
-    for key, ms in runs.items():
-        family, variant, attention = key.split("/")
-        cells = []
-        for c in contexts:
-            cell = f"{statistics.median(m[c] for m in ms):.1f}"
-            same, plain = (_ratio(runs, f"{family}/QKV/{a}", key, c) for a in (attention, "plain"))
-            if variant != "QKV" and same is not None:
-                cell += f" ({same:.2f}x"
-                cell += f", {plain:.2f}x)" if attention != "plain" and plain is not None else ")"
-            elif variant == "QKV" and attention != "plain" and plain is not None:
-                cell += f" ({plain:.2f}x)"
-            cells.append(cell)
-        lines.append(f"| {family} | {variant} | {attention} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "ms/token, median over rounds. (a, b): a = QKV ms / this ms with the same attention graph, "
-        "b = QKV ms on the plain graph / this ms; each the median over rounds of that round's ratio.",
-    ]
-    return "\n".join(lines)
+def main(argv: list[str] | None = None) -> int:
+    from qkvx.bench.longctx_report import to_markdown
+
+    ap = argparse.ArgumentParser(prog="python -m qkvx.bench.longctx", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--formats", default="pte,onnx")
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--pte-caches", default=",".join(PTE_CACHES))
+    ap.add_argument("--onnx-attention", default=",".join(ONNX_ATTENTION))
+    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--report-only", action="store_true", help="render out/longctx.json again")
+    a = ap.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if a.report_only:
+        result = json.loads((a.out / "longctx.json").read_text())
+    else:
+        cfgs = configs(
+            split(a.formats),
+            split(a.families),
+            split(a.variants),
+            split(a.pte_caches),
+            split(a.onnx_attention),
+        )
+        contexts = [int(c) for c in split(a.contexts)]
+        threads = [int(t) for t in split(a.threads)]
+        result = run(a.out, cfgs, contexts, threads, a.rounds, a.steps)
+    text = to_markdown(result)
+    (a.out / "longctx.md").write_text(text + "\n")
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--attention", default="plain")
-    ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # worker: measure one model.onnx
-    a = ap.parse_args()
-    contexts = [int(c) for c in a.contexts.split(",")]
-    if a.one:
-        print(json.dumps(measure_one(a.one, contexts, a.steps)))
-    else:
-        res = run(
-            a.out,
-            a.attention.split(","),
-            a.families.split(","),
-            a.variants.split(","),
-            contexts,
-            a.rounds,
-            a.steps,
-        )
-        print(to_markdown(res))
+    sys.exit(main())

@@ -1,9 +1,10 @@
 """Where a .pte's decode step spends its time, from ExecuTorch's own ETDump (devtools Inspector):
 `python -m qkvx.bench.profile MODEL.pte CONTEXT [STEPS]` prints JSON, ms per decode step by part.
 
-Parts: attention (llama::custom_sdpa / custom_quantized_sdpa over the cache), cache writes
-(llama::update_cache), the XNNPACK delegate (every Linear, norms and GELU it took), and the portable
-ops left outside it. Each is the sum over the graph's instances of their median per step.
+Parts: attention over the cache (qkvx::attend, or llama::custom_sdpa / custom_quantized_sdpa),
+cache writes (qkvx::update_cache(_int8) or llama::update_cache), the XNNPACK delegate (every
+Linear, norms and GELU it took), and the portable ops left outside it. Each is the sum over the
+graph's instances of their median per step.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 PARTS = {
-    "attention (custom_sdpa)": ("custom_sdpa", "custom_quantized_sdpa"),
-    "cache write (update_cache)": ("update_cache",),
+    "attention": ("attend", "custom_sdpa", "custom_quantized_sdpa"),
+    "cache write": ("update_cache",),
     "XNNPACK delegate (Linear, ...)": ("DELEGATE_CALL",),
 }
 

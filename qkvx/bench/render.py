@@ -106,7 +106,7 @@ def profile_table(result: dict[str, Any]) -> list[str]:
         size, variant, _ = key.split("/")
         spec = spec_for(size, variant)
         p = prof["parts_ms"]
-        attn = p["attention (custom_sdpa)"]
+        attn = p["attention"]
         xnn = p["XNNPACK delegate (Linear, ...)"]
         cache_gbs = cache_layout(spec).bytes_at(top) / (attn * 1e6) if attn else 0.0
         weights_gbs = weight_bytes(spec) / (xnn * 1e6) if xnn else 0.0

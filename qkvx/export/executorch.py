@@ -186,13 +186,18 @@ def lower_decode(
     max_seq_len: int,
     prefill_chunk: int,
     eos_ids: list[int] | None = None,
+    *,
+    initial_cache: bool = False,
 ) -> None:
     """torch.export a decode-form module (DecodeModel, or a graph module with its forward) with a
     dynamic sequence of 1..prefill_chunk tokens, delegate to XNNPACK, write the program to `path`
-    (streamed: joining it into one bytes object first would hold another copy of the weights)."""
+    (streamed: joining it into one bytes object first would hold another copy of the weights).
+    initial_cache: the cache buffers' current values become the program's initial state, copied
+    into the planned cache at load (benchmarks: a cache full of real values without a prefill)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torch.export import Dim
 
     seq = Dim("seq", min=1, max=prefill_chunk)
@@ -212,6 +217,7 @@ def lower_decode(
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),  # the caller owns inputs
             run_reinplace_pass=True,  # update_cache writes into the buffer, no copy-back
             emit_mutable_buffer_names=True,  # so the plan names each cache buffer
+            passes=[InitializedMutableBufferPass(["caches_"])] if initial_cache else [],
         )
     )
     with open(path, "wb") as f:

@@ -57,7 +57,9 @@ ops.register(_clib)
 
 
 def set_num_threads(n: int) -> int:
-    """Size of ExecuTorch's threadpool (shared with XNNPACK in this process); returns it."""
+    """Size of ExecuTorch's threadpool (shared with XNNPACK in this process); returns it. Call it
+    before loading a program: XNNPACK keeps the pool it was created with, and resizing replaces
+    the pool, so a program loaded earlier would run on a freed one."""
     return int(_clib.qkvx_set_num_threads(int(n)))
 
 

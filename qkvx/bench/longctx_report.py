@@ -1,0 +1,197 @@
+"""Markdown for a qkvx.bench.longctx result: ms/token tables, where a .pte step goes, and the
+long-context goals measured against the single-thread streaming read of the same run."""
+
+from __future__ import annotations
+
+import statistics
+
+from qkvx.bench.longctx import median_ms, spec_for
+
+GOAL_RATIO, GOAL_STEP_STREAM, GOAL_ATTN_STREAM, GOAL_THREADS = 1.35, 0.60, 0.70, 1.6
+
+
+def _key(fmt, family, variant, kind) -> str:
+    return f"{fmt}/{family}/{variant}/{kind}"
+
+
+def ratio(result: dict, base: str, key: str, context: int, threads: int = 1) -> float | None:
+    """Median over rounds of base ms / key ms, each round's pair measured minutes apart at most."""
+    a, b = result["runs"].get(base), result["runs"].get(key)
+    if not a or not b:
+        return None
+    t, c = str(threads), str(context)
+    return statistics.median(x["ms"][t][c] / y["ms"][t][c] for x, y in zip(a, b, strict=False))
+
+
+def speedup(result: dict, key: str, threads: int, context: int) -> float:
+    """Median over rounds of 1-thread ms / `threads`-thread ms (both measured in one process)."""
+    c = str(context)
+    return statistics.median(r["ms"]["1"][c] / r["ms"][str(threads)][c] for r in result["runs"][key])
+
+
+def _rows(result: dict, fmt: str) -> list[tuple[str, str, str]]:
+    return [tuple(k.split("/")[1:]) for k in result["runs"] if k.startswith(fmt + "/")]
+
+
+def ms_table(result: dict, fmt: str) -> list[str]:
+    """ms/token on 1 thread per context; (x) = QKV ms / this ms, same family and kind."""
+    ctx = result["contexts"]
+    rows = _rows(result, fmt)
+    if not rows:
+        return []
+    head = "kernels-cache" if fmt == "pte" else "attention graph"
+    out = [
+        f"| family | variant | {head} | " + " | ".join(f"{c:,}" for c in ctx) + " |",
+        "|---|---|---|" + "---:|" * len(ctx),
+    ]
+    for family, variant, kind in rows:
+        key = _key(fmt, family, variant, kind)
+        cells = []
+        for c in ctx:
+            cell = f"{median_ms(result, key, 1, c):.1f}"
+            x = ratio(result, _key(fmt, family, "QKV", kind), key, c) if variant != "QKV" else None
+            cells.append(cell + (f" ({x:.2f}x)" if x is not None else ""))
+        out.append(f"| {family} | {variant} | {kind} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _profile(result: dict, key: str, context: int) -> dict | None:
+    profs = [r["profile"][str(context)] for r in result["runs"][key] if "profile" in r]
+    return profs[0] if profs else None
+
+
+def bytes_read(family: str, variant: str, kind: str, context: int) -> tuple[int, int]:
+    """(cache bytes, weight bytes) one decode step reads at `context`: every cache row (int8: and
+    its scale) and every weight except tables only gathered from (qkvx.budget)."""
+    from qkvx.budget import lookup_table_bytes, weight_bytes
+    from qkvx.spec import cache_layout
+
+    spec = spec_for(family, variant)
+    kv = kind.split("-")[-1]
+    return cache_layout(spec, kv).bytes_at(context), weight_bytes(spec) - lookup_table_bytes(spec)
+
+
+def step_table(result: dict, context: int) -> list[str]:
+    """At `context`: threads, the ETDump attention share, and read bandwidth vs streaming."""
+    stream = statistics.median(result["stream_gbs"])
+    threads = result["threads"]
+    rows = _rows(result, "pte")
+    if not rows or context not in result["contexts"]:
+        return []
+    out = [
+        "| family | variant | kernels-cache | "
+        + " | ".join(f"ms, {t} thr" for t in threads)
+        + " | attention ms (share) | attention reads cache | step reads weights + cache |",
+        "|---|---|---|" + "---:|" * (len(threads) + 3),
+    ]
+    for family, variant, kind in rows:
+        key = _key("pte", family, variant, kind)
+        ms = {t: median_ms(result, key, t, context) for t in threads}
+        cells = [f"{ms[threads[0]]:.1f}"] + [
+            f"{ms[t]:.1f} ({speedup(result, key, t, context):.2f}x)" for t in threads[1:]
+        ]
+        cache_b, weight_b = bytes_read(family, variant, kind, context)
+        prof = _profile(result, key, context)
+        if prof:
+            attn = prof["parts_ms"]["attention"]
+            gbs = cache_b / attn / 1e6
+            cells += [f"{attn:.1f} ({attn / prof['total_ms']:.0%})", f"{gbs:.1f} GB/s ({gbs / stream:.0%})"]
+        else:
+            cells += ["", ""]
+        step = (cache_b + weight_b) / ms[threads[0]] / 1e6
+        cells.append(f"{step:.1f} GB/s ({step / stream:.0%})")
+        out.append(f"| {family} | {variant} | {kind} | " + " | ".join(cells) + " |")
+    return out
+
+
+def best_onnx(result: dict, family: str, variant: str, context: int) -> tuple[str, float] | None:
+    cands = [
+        (kind, median_ms(result, _key("onnx", f, v, kind), 1, context))
+        for f, v, kind in _rows(result, "onnx")
+        if (f, v) == (family, variant)
+    ]
+    return min(cands, key=lambda x: x[1]) if cands else None
+
+
+def goals(result: dict) -> list[str]:
+    """Each goal of the long-context work, measured (1 thread unless said; qkvx-fp32 .pte)."""
+    stream = statistics.median(result["stream_gbs"])
+    ctx, runs = result["contexts"], result["runs"]
+    out = ["| goal | measured | |", "|---|---|---|"]
+
+    def row(goal: str, measured: str, ok: bool) -> None:
+        out.append(f"| {goal} | {measured} | {'met' if ok else '**missed**'} |")
+
+    families = sorted({k.split("/")[1] for k in runs if k.startswith("pte/")})
+    at = 16384 if 16384 in ctx else ctx[-1]
+    for fam in families:
+        kv, qkv = _key("pte", fam, "Q-K=V", "qkvx-fp32"), _key("pte", fam, "QKV", "qkvx-fp32")
+        if kv not in runs:
+            continue
+        if qkv in runs:
+            x = ratio(result, qkv, kv, at)
+            row(f"{fam}: QKV ms / Q-K=V ms at {at} >= {GOAL_RATIO}x", f"{x:.2f}x", x >= GOAL_RATIO)
+        cache_b, weight_b = bytes_read(fam, "Q-K=V", "qkvx-fp32", at)
+        step = (cache_b + weight_b) / median_ms(result, kv, 1, at) / 1e6
+        row(
+            f"{fam} Q-K=V: step reads weights + cache at >= {GOAL_STEP_STREAM:.0%} of streaming, {at}",
+            f"{step:.1f} of {stream:.1f} GB/s = {step / stream:.0%}",
+            step >= GOAL_STEP_STREAM * stream,
+        )
+        for c in (c for c in ctx if c >= 8192):
+            prof = _profile(result, kv, c)
+            if prof:
+                gbs = bytes_read(fam, "Q-K=V", "qkvx-fp32", c)[0] / prof["parts_ms"]["attention"] / 1e6
+                row(
+                    f"{fam} Q-K=V: attention reads the cache at >= {GOAL_ATTN_STREAM:.0%} of streaming, {c}",
+                    f"{gbs:.1f} GB/s = {gbs / stream:.0%}",
+                    gbs >= GOAL_ATTN_STREAM * stream,
+                )
+        i8 = _key("pte", fam, "Q-K=V", "qkvx-int8")
+        if i8 in runs:
+            a, b = median_ms(result, i8, 1, at), median_ms(result, kv, 1, at)
+            row(f"{fam} Q-K=V: int8 cache faster than fp32 at {at}", f"{a:.1f} vs {b:.1f} ms", a < b)
+        if 2 in result["threads"]:
+            x = speedup(result, kv, 2, at)
+            row(f"{fam} Q-K=V: 2 threads >= {GOAL_THREADS}x 1 thread at {at}", f"{x:.2f}x", x >= GOAL_THREADS)
+        worst = []
+        for c in ctx:
+            best = best_onnx(result, fam, "Q-K=V", c)
+            if best:
+                worst.append((median_ms(result, kv, 1, c) / best[1], c, best[0]))
+        if worst:
+            w = max(worst)
+            row(
+                f"{fam} Q-K=V: .pte not slower than the fastest ONNX graph at any context",
+                f"worst .pte / ONNX = {w[0]:.2f} at {w[1]} ({w[2]})",
+                w[0] <= 1.0,
+            )
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    stream = result["stream_gbs"]
+    n = len(next(iter(result["runs"].values())))
+    lines = [
+        f"Streaming read, one thread (numpy sum over 1 GiB): median {statistics.median(stream):.1f} GB/s "
+        f"(min {min(stream):.1f}, max {max(stream):.1f}); {n} rounds, medians.",
+    ]
+    if result.get("load"):  # other work on the machine: the times and ratios are only as quiet as it
+        loads = ", ".join(f"{x:.1f}" for x in result["load"])
+        lines[-1] += f" 1-minute load average per round: {loads}."
+    for fmt, title in (("pte", ".pte"), ("onnx", "ONNX")):
+        table = ms_table(result, fmt)
+        if table:
+            lines += [
+                "",
+                f"#### {title} decode, ms/token on 1 thread ((x) = QKV ms / this ms, same kind)",
+                "",
+            ]
+            lines += table
+    for c in (c for c in (16384, 32768) if c in result["contexts"]):
+        table = step_table(result, c)
+        if table:
+            lines += ["", f"#### .pte at {c:,}: threads, attention share (ETDump, 1 thread), read GB/s", ""]
+            lines += table
+    lines += ["", "#### Goals", ""] + goals(result)
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""One long-context artifact, measured in THIS (fresh) process (qkvx.bench.longctx starts it):
+
+    python -m qkvx.bench.longctx_worker '{"format": "pte", "path": ..., "contexts": [...],
+                                          "threads": [1, 2], "steps": 8, "profile": true}'
+
+Prints one JSON line: {"ms": {threads: {context: median ms/token}}, "profile": {context: parts}}.
+
+Every cache position a step reads holds real values, on pages that were written: a .pte carries
+its cache's initial state (random values, copied into the planned cache at load); an ONNX past is
+filled with random values and each step's present is written by onnxruntime. A step's cost does
+not depend on the values (no kernel branches on them), so steps at c - steps .. c - 1 measure
+context c without a c-token prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _time_steps(decode, steps: int) -> float:
+    """Median ms of `steps` single-token steps; the first two warm caches and are dropped."""
+    token, times = 1, []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        token = decode(token)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[2:])
+
+
+class _Pte:
+    """The program is loaded again for each thread count: XNNPACK keeps the threadpool it was
+    created with, and resizing ExecuTorch's pool under a loaded program leaves it a freed pool."""
+
+    def __init__(self, path: Path):
+        self.path, self.runner = path, None
+
+    def set_threads(self, n: int) -> None:
+        import qkvx.kernels as K
+        from qkvx.harness.runners import open_runner
+
+        self.runner = None  # the old program goes before the pool it was created with
+        if K.set_num_threads(n) != n:  # ExecuTorch's pool: XNNPACK's and the kernels'
+            raise RuntimeError(f"ExecuTorch's threadpool refused {n} threads")
+        self.runner = open_runner("pte", self.path)
+        self.runner.prefill(np.arange(4) % 256)  # first-call allocations, XNNPACK weight packing
+
+    def seek(self, pos: int) -> None:
+        self.runner.pos = pos
+
+    def decode(self, token: int) -> int:
+        return int(self.runner.decode(token).argmax())
+
+
+class _Onnx:
+    """One session per thread count (onnxruntime fixes intra-op threads at session creation)."""
+
+    def __init__(self, path: Path, threads: list[int]):
+        from qkvx.harness.ort import ort_session
+        from qkvx.harness.ort_feed import OrtStepper
+
+        self.steppers = {t: OrtStepper(ort_session(path, threads=t)) for t in threads}
+        self.rng = np.random.default_rng(0)
+        for s in self.steppers.values():
+            s.reset()
+            s.step(np.arange(4) % 256)  # first-call allocations, weight prepacking
+
+    def set_threads(self, n: int) -> None:
+        self.stepper = self.steppers[n]
+
+    def seek(self, pos: int) -> None:
+        s = self.stepper
+        past = {
+            n: self.rng.standard_normal((1, h, pos, d)).astype(dt) for n, ((h, d), dt) in s.shapes.items()
+        }
+        s.load_past(past, pos)
+
+    def decode(self, token: int) -> int:
+        return int(self.stepper.step(np.array([token]))[-1].argmax())
+
+
+def measure(fmt: str, path: Path, contexts: list[int], threads: list[int], steps: int) -> dict:
+    rt = _Pte(path) if fmt == "pte" else _Onnx(path, threads)
+    ms: dict[str, dict[str, float]] = {str(t): {} for t in threads}
+    for t in threads:
+        rt.set_threads(t)
+        for c in contexts:
+            rt.seek(c - steps)
+            ms[str(t)][str(c)] = _time_steps(rt.decode, steps)
+    return ms
+
+
+def main(argv: list[str]) -> int:
+    a = json.loads(argv[0])
+    path, contexts = Path(a["path"]), a["contexts"]
+    out: dict = {"ms": measure(a["format"], path, contexts, a["threads"], a["steps"])}
+    if a["format"] == "pte" and a.get("profile"):
+        from qkvx.bench.profile import profile_pte
+
+        out["profile"] = {str(c): profile_pte(path, c, a["steps"]) for c in contexts}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
