@@ -36,8 +36,7 @@ def artifact_cache_bytes(path: Path, backend: str, context: int) -> int | None:
         from qkvx.export.executorch import read_plan
 
         plan = read_plan(path)
-        seq = max(shape[1] for shape in plan.cache_buffers.values())  # [B, S, G, D]
-        return plan.cache_bytes * context // seq
+        return plan.cache_bytes * context // plan.cache_seq_len
     if fmt == "onnx":
         from qkvx.export.onnx import read_graph
 

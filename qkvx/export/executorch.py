@@ -47,6 +47,13 @@ class PtePlan:
     zero_points: list[list[int]] = field(default_factory=list)
 
     @property
+    def cache_seq_len(self) -> int:
+        """Positions the cache buffers hold: qkvx's kernels keep [B, G, S, D] (each head's rows
+        contiguous), ExecuTorch's llama ops [B, S, G, D]."""
+        dim = 2 if any(op.startswith("qkvx::") for op in self.operators) else 1
+        return max(shape[dim] for shape in self.cache_buffers.values())
+
+    @property
     def zero_point_bytes(self) -> int:
         return sum(math.prod(s) for s in self.zero_points)
 

@@ -109,15 +109,17 @@ def test_recipe_exports_runs_meets_gates_and_matches_eager_quantized(trained_kv,
     fp32_cache_bytes = 256 * 2 * 4 * 16 * 4  # trained_kv: 256 positions, 2 layers, 4 kv heads of 16
     if r.kv_cache == "fp32":
         assert cache["program_cache_bytes"] == fp32_cache_bytes and cache["program_zero_point_bytes"] == 0
-    else:  # one int8 kv tensor + its fp32 scales per layer, and ONE shared zero-point constant
+    else:  # one int8 kv tensor + its fp32 scales per layer
+        # qkvx's kernels keep [1, G, S, D] and need no zero points; llama::custom_quantized_sdpa
+        # reads [1, S, G, D] and ONE zero-point constant shared by every layer
+        ours = (r.attention or "qkvx") == "qkvx"
+        kv, sc = ([1, 4, 256, 16], [1, 4, 256, 1]) if ours else ([1, 256, 4, 16], [1, 256, 4, 1])
         assert cache["tensors_per_layer"] == 1
         assert cache["program_cache_buffers"] == {
-            f"caches.{i}.{n}": s
-            for i in range(2)
-            for n, s in (("kv", [1, 256, 4, 16]), ("kv_scale", [1, 256, 4, 1]))
+            f"caches.{i}.{n}": s for i in range(2) for n, s in (("kv", kv), ("kv_scale", sc))
         }
         assert cache["program_cache_bytes"] == cache["bytes_at_context"] == 256 * 2 * 4 * (16 + 4)
-        assert cache["program_zero_point_bytes"] == 256 * 4
+        assert cache["program_zero_point_bytes"] == (0 if ours else 256 * 4)
 
 
 def test_quantize_for_pte_copies_and_handles_the_tied_head():
@@ -259,18 +261,20 @@ def test_int8_cache_pte_matches_reference_and_plan(tmp_path, family, name, kerne
     assert plan.zero_points == ([[1, 96, 4, 1]] if quantized_kernel else [])
 
 
-def test_int8_cache_ratios_paper_300m_from_the_artifact(tmp_path):
+@pytest.mark.parametrize("kernels", ["qkvx", "llama"])
+def test_int8_cache_ratios_paper_300m_from_the_artifact(tmp_path, kernels):
     """paper-300m width (1024, 16 heads of 64, 2048 positions; 1 layer and vocab 256 keep it fast:
     per-layer ratios do not depend on them). Everything the artifact holds for the cache counts:
-    int8 values, fp32 scales and the shared zero-point constant (amortized over 1 layer here, the
-    worst case). Goals: Q-K=V int8 <= 0.55 of fp16 Q-K=V (llama.cpp q8_0: 0.53); Q-MQA int8 <=
-    1.1/64 of fp16 QKV."""
+    int8 values, fp32 scales and, with ExecuTorch's llama ops, the shared zero-point constant
+    (amortized over 1 layer here, the worst case). Goals: Q-K=V int8 <= 0.55 of fp16 Q-K=V
+    (llama.cpp q8_0: 0.53); Q-MQA int8 <= 1.1/64 of fp16 QKV."""
     T = 2048
     dims = dict(preset="paper-300m", n_layer=1, vocab_size=256)
     held = {}
     for name in ("Q-K=V", "Q-MQA"):
         spec = ModelSpec.from_paper_name(name, **dims)
-        plan = export_pte(Transformer(spec).eval(), tmp_path / f"{name}.pte", T, 8, kv_cache="int8")
+        pte = tmp_path / f"{name}.pte"
+        plan = export_pte(Transformer(spec).eval(), pte, T, 8, kv_cache="int8", kernels=kernels)
         assert plan.cache_bytes == cache_layout(spec, "int8").bytes_at(T)
         held[name] = plan.cache_bytes + plan.zero_point_bytes
     fp16_kv = cache_layout(ModelSpec.from_paper_name("Q-K=V", **dims), "fp16").bytes_at(T)
@@ -279,7 +283,8 @@ def test_int8_cache_ratios_paper_300m_from_the_artifact(tmp_path):
         "Q-K=V int8 / fp16 Q-K=V": held["Q-K=V"] / fp16_kv,
         "Q-MQA int8 / fp16 QKV": held["Q-MQA"] / fp16_qkv,
     }
-    print(json.dumps(ratios))
-    assert held["Q-K=V"] == T * 16 * (64 + 4) + T * 16 and held["Q-MQA"] == T * (64 + 4) + T
+    print(kernels, json.dumps(ratios))
+    zp = 0 if kernels == "qkvx" else 1  # bytes per position and kv head
+    assert held["Q-K=V"] == T * 16 * (64 + 4 + zp) and held["Q-MQA"] == T * (64 + 4 + zp)
     assert ratios["Q-K=V int8 / fp16 Q-K=V"] <= 0.55
     assert ratios["Q-MQA int8 / fp16 QKV"] <= 1.1 / 64
