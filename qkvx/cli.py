@@ -170,6 +170,94 @@ def train(
 
 
 @app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A model with separate keys and values (QKV, GQA-g, MQA): paper .pt, Hugging Face or qkvx folder."),
+    to: str = typer.Option("Q-K=V", "--to", help="Target: Q-K=V, Q-GQA-g or Q-MQA (kv heads mean-pooled)."),
+    init: str = typer.Option("avg", "--init", help="avg | keep-k | keep-v (the paper's) | fit (data-aware, on calibration text)."),
+    out: Path = typer.Option(..., "--out", help="Output qkvx folder."),
+    calib: Optional[list[Path]] = typer.Option(None, "--calib", help="--init fit: calibration text file or datasets folder (repeatable; default for `qkvx train` models: their training text)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer for the calibration text (default: the source folder's tokenizer.json; bytes for byte-level models)."),
+    calib_batches: int = typer.Option(8, "--calib-batches", help="--init fit: calibration batches fitted on (2 more are held out)."),
+    calib_batch_size: int = typer.Option(8, "--calib-batch-size", help="--init fit: windows per calibration batch."),
+    calib_seq_len: int = typer.Option(128, "--calib-seq-len", help="--init fit: tokens per calibration window."),
+    fit_steps: int = typer.Option(200, "--fit-steps", help="--init fit: Adam steps per layer after the closed-form start."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the conversion record as JSON."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
+) -> None:
+    """Turn a trained QKV / GQA / MQA model into a K=V model (one KV-cache tensor per layer) by weight surgery."""
+    from qkvx import api
+
+    fit = dict(batches=calib_batches, batch_size=calib_batch_size, seq_len=calib_seq_len, steps=fit_steps)
+    with console.status("converting") as status:
+        r = api.convert(source, to, init, out, force=force, calib=list(calib) if calib else None, tokenizer=tokenizer,
+                        fit_options=fit, ignore_config_keys=tuple(ignore_config_key or ()),
+                        progress=lambda s: status.update(f"converting: {s}"))
+    if as_json:
+        _print_json({"out": str(r.out), "seconds": round(r.seconds, 2), **r.conversion})
+        return
+    console.print(f"[bold]{r.source_variant}[/] -> [bold]{r.variant}[/] (init {r.init}) in {r.seconds:.1f} s: {r.out}")
+    if cal := r.conversion.get("calibration"):
+        print_table("attention-block output error J per layer (held-out calibration batches)",
+                    ("layer", "avg", "start", "fit"),
+                    [(str(row["layer"]), f"{row['heldout_J_avg']:.4f}", f"{row['heldout_J_start']:.4f} ({row['start']})",
+                      f"{row['heldout_J_fit']:.4f}") for row in cal["layers"]])
+
+
+@app.command()
+def distill(
+    student: Path = typer.Argument(..., help="The student (e.g. from `qkvx convert`)."),
+    teacher: Path = typer.Option(..., "--teacher", help="The teacher: paper .pt, Hugging Face or qkvx folder."),
+    data: list[Path] = typer.Option(..., "--data", help="Training text file or datasets folder (repeatable; read in order, looped)."),
+    tokens: int = typer.Option(..., "--tokens", help="Training tokens in total (over all processes)."),
+    out: Path = typer.Option(..., "--out", help="Run directory: checkpoint, log and the final qkvx model (resumed if it holds a checkpoint)."),
+    eval_data: Optional[list[Path]] = typer.Option(None, "--eval-data", help="Held-out text (default: the first --eval-tokens tokens of --data, never trained on)."),
+    eval_tokens: int = typer.Option(65536, "--eval-tokens", help="Held-out tokens for perplexity."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations (default: 5 over the run)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json or folder (default: the student's or teacher's; bytes for byte-level models)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the length the model was trained at, else min(1024, positions))."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per micro-batch per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step per process."),
+    lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate (cosine to --min-lr)."),
+    min_lr: float = typer.Option(5e-6, "--min-lr"),
+    warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW decoupled weight decay (matrices)."),
+    beta1: float = typer.Option(0.9, "--beta1"),
+    beta2: float = typer.Option(0.95, "--beta2"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clip."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Softmax temperature of the KL term (scaled by T^2)."),
+    kl_weight: float = typer.Option(0.5, "--kl-weight"),
+    ce_weight: float = typer.Option(0.5, "--ce-weight", help="Weight of the hard-label cross-entropy."),
+    kl: str = typer.Option("forward", "--kl", help="forward: sum p_teacher log(p_teacher/p_student) (the paper release's F.kl_div) | reverse."),
+    save_every: int = typer.Option(50, "--save-every", help="Steps between checkpoints."),
+    shuffle_buffer: int = typer.Option(1024, "--shuffle-buffer", help="Windows in the shuffle buffer (1 = stream order)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: cores / processes)."),
+    text_column: str = typer.Option("text", "--text-column", help="Column of a datasets folder."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a datasets folder with several."),
+    force: bool = typer.Option(False, "--force", help="Start over in --out, discarding what is there."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),
+) -> None:
+    """Distill a teacher into a student (KL at temperature T + hard labels), resumable; scale with torchrun (DDP)."""
+    from qkvx import api
+
+    r = api.distill(student, teacher, list(data), out, tokens, eval_data=list(eval_data) if eval_data else None,
+                    tokenizer=tokenizer, force=force, quiet=quiet, ignore_config_keys=tuple(ignore_config_key or ()),
+                    eval_tokens=eval_tokens, eval_every=eval_every, seq_len=seq_len, batch_size=batch_size,
+                    grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay,
+                    beta1=beta1, beta2=beta2, grad_clip=grad_clip, temperature=temperature, kl_weight=kl_weight,
+                    ce_weight=ce_weight, kl=kl, save_every=save_every, shuffle_buffer=shuffle_buffer, seed=seed,
+                    threads=threads, text_column=text_column, split=split)
+    if int(os.environ.get("RANK", "0")) == 0:
+        first, last = r.evals[0], r.evals[-1]
+        resumed = f", resumed at step {r.resumed_from}" if r.resumed_from else ""
+        console.print(f"{r.steps} steps, {r.tokens:,} tokens on {r.world_size} process(es) in {r.seconds:.0f} s{resumed}: "
+                      f"held-out perplexity [bold]{first['ppl']:.3f}[/] (step {first['step']}) -> "
+                      f"[bold]{last['ppl']:.3f}[/] -> {r.out}")
+
+
+@app.command()
 def export(
     model: Path = typer.Argument(..., help="Paper .pt, Hugging Face folder, or qkvx folder."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (export_recipes/NAME.yaml) or YAML path."),
