@@ -109,7 +109,7 @@ def steps_logged(out):
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip() and "eval" not in line]
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(students, teachers, text_files, tmp_path):
+def test_resume_after_kill_and_sigterm_matches_an_uninterrupted_run(students, teachers, text_files, tmp_path):
     steps, batch = 60, 48
     args = lambda out: distill_args(students["gpt"], teachers["gpt"], text_files, out, steps, batch,  # noqa: E731
                                     "--save-every", 5)
@@ -127,9 +127,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(students, teachers, text
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     ckpt = torch.load(tmp_path / "killed" / "distill" / "checkpoint.pt", weights_only=True)
     assert 10 <= ckpt["step"] < steps and not (tmp_path / "killed" / "qkvx.json").exists()
+    # resumed, then stopped politely: SIGTERM saves at the next step boundary and exits 130
+    proc = subprocess.Popen(args(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while time.time() < deadline and proc.poll() is None:
+        logged = steps_logged(tmp_path / "killed")
+        if logged and logged[-1]["step"] >= ckpt["step"] + 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.startswith("error: interrupted: checkpoint saved at step"), err
+    stopped = torch.load(tmp_path / "killed" / "distill" / "checkpoint.pt", weights_only=True)["step"]
+    assert ckpt["step"] + 8 <= stopped < steps and f"step {stopped}/{steps}" in err
     resumed = subprocess.run(args(tmp_path / "killed"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed at step {ckpt['step']}" in resumed.stdout
+    assert f"resumed at step {stopped}" in resumed.stdout
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     la, lb = steps_logged(tmp_path / "whole"), steps_logged(tmp_path / "killed")
@@ -174,3 +186,42 @@ def test_ddp_two_processes_equal_one_with_twice_the_accumulation(students, teach
     student = qkvx.load(tmp_path / "two")
     assert student.spec.paper_name == "Q-K=V" and student.spec.positions == "rope"
     assert meta2["evals"][-1]["ppl"] < meta2["evals"][0]["ppl"]
+
+
+def test_tokenized_text_through_a_hf_llama_student(tmp_path):
+    """A non-byte model: the data is encoded with the folder's tokenizer.json, documents end with its
+    end-of-sequence id, and a converted Llama student distills from its HF teacher."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qkvx.api import distill
+    from qkvx.tokenizer import load_tokenizer
+
+    words = [f"w{i}" for i in range(120)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words + ["[UNK]", "</s>"])}, unk_token="[UNK]"))
+    tok.add_special_tokens(["</s>"])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "teacher")
+    tok.save(str(tmp_path / "teacher" / "tokenizer.json"))
+    (tmp_path / "teacher" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, 120, (400,), generator=g)) for _ in range(3)]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"doc{i}.txt").write_text(doc + "\n")
+    t = load_tokenizer(tmp_path / "teacher")
+    assert t.eos_ids == [121]
+    stream = TokenStream([tmp_path / f"doc{i}.txt" for i in range(3)], Encoder(t))
+    got = torch.cat([torch.from_numpy(c) for c in stream.chunks(loop=False)]).tolist()
+    assert got == sum((t.encode(d + "\n", prompt=False) + [121] for d in docs), [])
+    convert(tmp_path / "teacher", "Q-MQA", "keep-v", tmp_path / "student")
+    assert (tmp_path / "student" / "tokenizer.json").is_file()
+    r = distill(tmp_path / "student", tmp_path / "teacher", [tmp_path / f"doc{i}.txt" for i in range(3)],
+                tmp_path / "run", tokens=6 * 4 * 32, batch_size=4, seq_len=32, eval_tokens=200, lr=1e-3, threads=1)
+    assert r.steps == 6 and len(r.history) == 6 and len(r.evals) >= 2
+    out = qkvx.load(tmp_path / "run")
+    assert out.spec.paper_name == "Q-MQA" and (tmp_path / "run" / "tokenizer.json").is_file()
+    meta = json.loads((tmp_path / "run" / "qkvx.json").read_text())
+    assert meta["distillation"]["eval_data"].startswith("the first 200 tokens") and meta["conversion"]["init"] == "keep-v"
