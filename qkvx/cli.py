@@ -169,6 +169,15 @@ def train(
                   f"(unigram byte model {r.unigram_ppl:.2f}) -> {r.out}")
 
 
+def _fit_default(name: str) -> Any:
+    """FitOptions' own default, so `qkvx convert --help` never drifts from qkvx.convert_fit."""
+    import dataclasses
+
+    from qkvx.convert_fit import FitOptions
+
+    return next(f.default for f in dataclasses.fields(FitOptions) if f.name == name)
+
+
 @app.command()
 def convert(
     source: Path = typer.Argument(..., help="A model with separate keys and values (QKV, GQA-g, MQA): paper .pt, Hugging Face or qkvx folder."),
@@ -177,10 +186,10 @@ def convert(
     out: Path = typer.Option(..., "--out", help="Output qkvx folder."),
     calib: Optional[list[Path]] = typer.Option(None, "--calib", help="--init fit: calibration text file or datasets folder (repeatable; default for `qkvx train` models: their training text)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer for the calibration text (default: the source folder's tokenizer.json; bytes for byte-level models)."),
-    calib_batches: int = typer.Option(8, "--calib-batches", help="--init fit: calibration batches fitted on (2 more are held out)."),
-    calib_batch_size: int = typer.Option(8, "--calib-batch-size", help="--init fit: windows per calibration batch."),
-    calib_seq_len: int = typer.Option(128, "--calib-seq-len", help="--init fit: tokens per calibration window."),
-    fit_steps: int = typer.Option(200, "--fit-steps", help="--init fit: Adam steps per layer after the closed-form start."),
+    calib_batches: int = typer.Option(_fit_default("batches"), "--calib-batches", help="--init fit: calibration batches fitted on (2 more are held out)."),
+    calib_batch_size: int = typer.Option(_fit_default("batch_size"), "--calib-batch-size", help="--init fit: windows per calibration batch."),
+    calib_seq_len: int = typer.Option(_fit_default("seq_len"), "--calib-seq-len", help="--init fit: tokens per calibration window."),
+    fit_steps: int = typer.Option(_fit_default("steps"), "--fit-steps", help="--init fit: Adam steps per layer after the closed-form start."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the conversion record as JSON."),
     ignore_config_key: Optional[list[str]] = typer.Option(None, "--ignore-config-key", help=IGNORE_KEY_HELP),

@@ -198,8 +198,8 @@ def _tokenizer(src: Path, spec: ModelSpec, given: str | os.PathLike | None):
 
 
 def _calibration_tokens(calib, tok, ckpt, opts) -> torch.Tensor:
-    """[n_batches * batch_size, seq_len + 1]... as one flat token tensor long enough for the
-    calibration and held-out batches (convert_fit cuts it into windows)."""
+    """One flat token tensor long enough for the calibration and held-out windows (convert_fit
+    cuts it into windows of seq_len)."""
     from qkvx.textdata import Encoder, TokenStream
 
     need = opts.windows_needed() * opts.seq_len + 1
