@@ -367,3 +367,74 @@ def emulator_status(cache_dir: str | os.PathLike | None = None):
     from qkvx.harness.emulator import status
 
     return status(cache_dir)
+
+
+def convert(
+    source: str | os.PathLike,
+    to: str,
+    init: str,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    calib: list[str | os.PathLike] | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    fit_options: dict | None = None,
+    ignore_config_keys: tuple[str, ...] = (),
+    progress=lambda stage: None,
+):
+    """Build a K=V model (Q-K=V, Q-GQA-g, Q-MQA) from one with separate keys and values, by weight
+    surgery with an init (avg | keep-k | keep-v | fit); writes a qkvx folder at `out`. Returns
+    qkvx.convert.ConvertResult."""
+    from qkvx.convert import convert as run
+
+    return run(
+        source,
+        to,
+        init,
+        out,
+        force=force,
+        calib=calib,
+        tokenizer=tokenizer,
+        fit_options=fit_options,
+        ignore_config_keys=ignore_config_keys,
+        progress=progress,
+    )
+
+
+def distill(
+    student: str | os.PathLike,
+    teacher: str | os.PathLike,
+    data: list[str | os.PathLike],
+    out: str | os.PathLike,
+    tokens: int,
+    *,
+    eval_data: list[str | os.PathLike] | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    force: bool = False,
+    quiet: bool = True,
+    ignore_config_keys: tuple[str, ...] = (),
+    **options: Any,
+):
+    """Distill `teacher` into `student` on text files / datasets folders (resumes a run in `out`);
+    options: qkvx.distill.DistillOptions fields. Under torchrun, every process calls this.
+    Returns qkvx.distill.DistillResult."""
+    import dataclasses
+
+    from qkvx.distill import DistillOptions
+    from qkvx.distill import distill as run
+
+    known = {f.name for f in dataclasses.fields(DistillOptions)} - {"tokens"}
+    if unknown := sorted(set(options) - known):
+        raise QkvxError(f"unknown distill option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return run(
+        student,
+        teacher,
+        data,
+        out,
+        DistillOptions(tokens=tokens, **options),
+        eval_data=eval_data,
+        tokenizer=tokenizer,
+        force=force,
+        quiet=quiet,
+        ignore_config_keys=ignore_config_keys,
+    )

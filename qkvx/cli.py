@@ -14,8 +14,9 @@ from typing import Any
 
 import typer
 
-from qkvx import api
+from qkvx import api, cli_convert
 from qkvx.console import (
+    IGNORE_KEY_HELP,
     console,
     print_json,
     show_budget,
@@ -91,9 +92,6 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the qkvx 
 
         print(__version__)
         raise typer.Exit()
-
-
-IGNORE_KEY_HELP = "A paper model_config key that does not change the model (repeatable)."
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -186,6 +184,10 @@ def train(
         f"({r.tokens_per_s:,.0f} tok/s): held-out perplexity [bold]{r.heldout_ppl:.2f}[/] "
         f"(unigram byte model {r.unigram_ppl:.2f}) -> {r.out}"
     )
+
+
+app.command()(cli_convert.convert)
+app.command()(cli_convert.distill)
 
 
 @app.command()

@@ -5,6 +5,7 @@ row instead of being cut to "runti…"), and one view per command's result."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,9 @@ from rich.table import Table
 from qkvx.util import fmt_bytes
 
 console = Console(highlight=False)
+
+# The help of --ignore-config-key, an option of every command that reads a model.
+IGNORE_KEY_HELP = "A paper model_config key that does not change the model (repeatable)."
 
 
 def print_json(data: Any) -> None:
@@ -255,4 +259,43 @@ def show_measured(rows) -> None:
     console.print(
         f"[dim]model = peak - baseline RSS (interpreter, torch, runtime: measured "
         f"{mib(rows[0].baseline_rss_bytes)} MiB, counted {mib(rows[0].runtime_baseline_bytes)} MiB)[/]"
+    )
+
+
+def show_convert(r, as_json: bool = False) -> None:
+    """qkvx convert: the conversion record as JSON, or one line and, for --init fit, the per-layer
+    attention-block error on the held-out calibration batches."""
+    if as_json:
+        print_json({"out": str(r.out), "seconds": round(r.seconds, 2), **r.conversion})
+        return
+    console.print(
+        f"[bold]{r.source_variant}[/] -> [bold]{r.variant}[/] (init {r.init}) in {r.seconds:.1f} s: {r.out}"
+    )
+    if cal := r.conversion.get("calibration"):
+        print_table(
+            "attention-block output error J per layer (held-out calibration batches)",
+            ("layer", "avg", "start", "fit"),
+            [
+                (
+                    str(row["layer"]),
+                    f"{row['heldout_J_avg']:.4f}",
+                    f"{row['heldout_J_start']:.4f} ({row['start']})",
+                    f"{row['heldout_J_fit']:.4f}",
+                )
+                for row in cal["layers"]
+            ],
+        )
+
+
+def show_distill(r) -> None:
+    """qkvx distill: steps, tokens, processes, time and held-out perplexity first -> last. Under
+    torchrun only rank 0 prints."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    first, last = r.evals[0], r.evals[-1]
+    resumed = f", resumed at step {r.resumed_from}" if r.resumed_from else ""
+    console.print(
+        f"{r.steps} steps, {r.tokens:,} tokens on {r.world_size} process(es) in {r.seconds:.0f} s{resumed}: "
+        f"held-out perplexity [bold]{first['ppl']:.3f}[/] (step {first['step']}) -> "
+        f"[bold]{last['ppl']:.3f}[/] -> {r.out}"
     )

@@ -1,5 +1,6 @@
-"""Small helpers with one home each: output directories written atomically, the context-length
-check, quiet third-party loggers, /proc/cpuinfo, byte formatting, variant slugs. No torch."""
+"""Small helpers with one home each: output directories and files written atomically, the
+context-length check, quiet third-party loggers, /proc/cpuinfo, byte formatting, variant slugs.
+No torch."""
 
 from __future__ import annotations
 
@@ -48,6 +49,21 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp file path beside `path` (not yet created) to write; on success it replaces
+    `path` by rename, on any failure it is removed: a reader sees the old file or the new one,
+    never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

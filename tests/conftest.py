@@ -2,19 +2,7 @@
 
 import pytest
 
-SMALL = dict(
-    n_layer=2,
-    n_embd=64,
-    n_head=4,
-    max_positions=256,
-    steps=150,
-    batch_size=16,
-    seq_len=64,
-    lr=3e-3,
-    warmup=15,
-    threads=1,
-    quiet=True,
-)
+from tiny import TRAIN
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +11,7 @@ def trained_kv(tmp_path_factory):
     parity and runner tests need."""
     from qkvx.train import train
 
-    return train("Q-K=V", seed=0, out=tmp_path_factory.mktemp("trained") / "q_kv", **SMALL).out
+    return train("Q-K=V", seed=0, out=tmp_path_factory.mktemp("trained") / "q_kv", **TRAIN).out
 
 
 @pytest.fixture

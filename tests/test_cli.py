@@ -43,7 +43,7 @@ def test_help_on_every_command():
 
     assert run("--help").returncode == 0
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]
-    assert {"inspect", "train"} <= set(commands)
+    assert {"inspect", "train", "convert", "distill"} <= set(commands)
     for cmd in commands:
         assert run(cmd, "--help").returncode == 0, cmd
 

@@ -11,12 +11,35 @@ ROOT = Path(qkvx.__file__).parent
 # Bottom (plain data, no model) to top (the face users call). A unit is a top-level module or a
 # subpackage of qkvx.
 LAYERS = [
-    {"errors", "version", "util", "config", "spec", "recipes", "devices", "artifact", "corpus", "tokenizer"},
+    {
+        "errors",
+        "version",
+        "util",
+        "config",
+        "spec",
+        "recipes",
+        "devices",
+        "artifact",
+        "corpus",
+        "tokenizer",
+        "textdata",
+    },
     {"models"},
     {"loaders", "quant", "decode", "kernels"},
     {"export", "harness"},
-    {"pipeline", "validate", "budget", "budget_measure", "budget_report", "soak", "train", "bench"},
-    {"api", "console", "cli", "demo", "__main__", "__init__"},
+    {
+        "pipeline",
+        "validate",
+        "budget",
+        "budget_measure",
+        "budget_report",
+        "soak",
+        "train",
+        "bench",
+        "convert",
+        "distill",
+    },
+    {"api", "console", "cli", "cli_convert", "demo", "__main__", "__init__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
