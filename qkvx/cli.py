@@ -389,10 +389,14 @@ def validate(
         f"{v.stream['tokens'] // v.stream['windows']} tokens",
         v.runtimes,
     )
-    if json_out:
-        json_out.write_text(
-            json.dumps({"passed": v.passed, "runtimes": v.runtimes, "stream": v.stream}, indent=2) + "\n"
+    for pair, a in v.agreement.items():  # e.g. emulated arm64 vs the host, same positions
+        console.print(
+            f"{pair}: max |dlogit| {a['max_abs_dlogit']:.2e}, same top-1 at "
+            f"{100 * a['same_top1']:.2f} % of {a['positions']} positions"
         )
+    if json_out:
+        out = {"passed": v.passed, "runtimes": v.runtimes, "stream": v.stream, "agreement": v.agreement}
+        json_out.write_text(json.dumps(out, indent=2) + "\n")
     if junit:
         junit.write_text(junit_xml(v) + "\n")
     if not v.passed:
