@@ -358,7 +358,9 @@ def budget(
 def validate(
     artifact_dir: Path = typer.Argument(..., help="An export directory (with manifest.json)."),
     runtimes: str | None = typer.Option(
-        None, "--runtimes", help="Comma-separated: pte | ort | arm64 (default: the artifact's own)."
+        None,
+        "--runtimes",
+        help="Comma-separated: pte | pte-native | ort | arm64 (default: the artifact's own).",
     ),
     model: Path | None = typer.Option(
         None, "--model", help="The source model (default: the manifest's path; sha256-checked)."

@@ -2,19 +2,7 @@
 
 import pytest
 
-SMALL = dict(
-    n_layer=2,
-    n_embd=64,
-    n_head=4,
-    max_positions=256,
-    steps=150,
-    batch_size=16,
-    seq_len=64,
-    lr=3e-3,
-    warmup=15,
-    threads=1,
-    quiet=True,
-)
+from tiny import TRAIN_SMALL as SMALL
 
 
 @pytest.fixture(scope="session")

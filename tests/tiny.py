@@ -10,6 +10,20 @@ PAPER_VARIANTS = ("QKV", "Q=K-V", "Q-K=V", "Q=K=V", "GQA-2", "MQA", "Q-GQA-2", "
 # Llama family's three cache shapes (two tensors, one shared, one shared single head).
 EXPORT_CASES = [("gpt", v) for v in PAPER_VARIANTS] + [("llama", v) for v in ("QKV", "Q-K=V", "Q-MQA")]
 SHARED = ("Q-K=V", "Q=K=V", "Q-GQA-2", "Q-MQA")
+# qkvx.train arguments of the small TRAINED models (quality gates need trained weights): seconds each
+TRAIN_SMALL = dict(
+    n_layer=2,
+    n_embd=64,
+    n_head=4,
+    max_positions=256,
+    steps=150,
+    batch_size=16,
+    seq_len=64,
+    lr=3e-3,
+    warmup=15,
+    threads=1,
+    quiet=True,
+)
 
 
 def spec(name: str, family: str = "gpt", **over) -> ModelSpec:

@@ -2,9 +2,6 @@
 and a JUnit file that names the failed check; a file changed after export is refused."""
 
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -17,15 +14,9 @@ from qkvx.api import export
 from qkvx.models.transformer import Transformer
 from qkvx.util import sha256_file
 
+from pte_cases import cli
 
-def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "qkvx", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "80"},
-    )
+run = cli  # `qkvx ARGS` in a fresh process
 
 
 @pytest.fixture(scope="module")
