@@ -440,8 +440,9 @@ def emulator_setup(
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Default ~/.cache/qkvx/arm64."),
 ) -> None:
-    """Build (once; idempotent) the arm64 user land with Python, numpy and onnxruntime."""
-    with console.status("setting up the arm64 emulator (debootstrap, wheels)"):
+    """Build (once; idempotent) the arm64 user land with Python, numpy and onnxruntime, and the
+    .pte runtime (qkvx-run cross-built against ExecuTorch's aarch64 wheel)."""
+    with console.status("setting up the arm64 emulator (debootstrap, wheels, qkvx-run cross build)"):
         info = api.emulator_setup(cache_dir, force)
     print(info.summary())
 
