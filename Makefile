@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(PY) -m qkvx.kernels  # qkvx's C++ kernels (csrc/) for this machine: cmake + the system g++
+	$(PY) -m qkvx.kernels --runner  # qkvx's C++ kernels (csrc/) and qkvx-run for this machine: cmake + g++
 	$(PY) -m qkvx.export.ortops  # qkvx's onnxruntime op (its API headers from Debian if not here)
 	touch $@
 

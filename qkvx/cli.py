@@ -360,7 +360,9 @@ def budget(
 def validate(
     artifact_dir: Path = typer.Argument(..., help="An export directory (with manifest.json)."),
     runtimes: str | None = typer.Option(
-        None, "--runtimes", help="Comma-separated: pte | ort | arm64 (default: the artifact's own)."
+        None,
+        "--runtimes",
+        help="Comma-separated: pte | pte-native | ort | arm64 (default: the artifact's own).",
     ),
     model: Path | None = typer.Option(
         None, "--model", help="The source model (default: the manifest's path; sha256-checked)."
@@ -391,10 +393,14 @@ def validate(
         f"{v.stream['tokens'] // v.stream['windows']} tokens",
         v.runtimes,
     )
-    if json_out:
-        json_out.write_text(
-            json.dumps({"passed": v.passed, "runtimes": v.runtimes, "stream": v.stream}, indent=2) + "\n"
+    for pair, a in v.agreement.items():  # e.g. emulated arm64 vs the host, same positions
+        console.print(
+            f"{pair}: max |dlogit| {a['max_abs_dlogit']:.2e}, same top-1 at "
+            f"{100 * a['same_top1']:.2f} % of {a['positions']} positions"
         )
+    if json_out:
+        out = {"passed": v.passed, "runtimes": v.runtimes, "stream": v.stream, "agreement": v.agreement}
+        json_out.write_text(json.dumps(out, indent=2) + "\n")
     if junit:
         junit.write_text(junit_xml(v) + "\n")
     if not v.passed:
@@ -436,8 +442,9 @@ def emulator_setup(
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Default ~/.cache/qkvx/arm64."),
 ) -> None:
-    """Build (once; idempotent) the arm64 user land with Python, numpy and onnxruntime."""
-    with console.status("setting up the arm64 emulator (debootstrap, wheels)"):
+    """Build (once; idempotent) the arm64 user land with Python, numpy and onnxruntime, and the
+    .pte runtime (qkvx-run cross-built against ExecuTorch's aarch64 wheel)."""
+    with console.status("setting up the arm64 emulator (debootstrap, wheels, qkvx-run cross build)"):
         info = api.emulator_setup(cache_dir, force)
     print(info.summary())
 

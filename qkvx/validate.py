@@ -21,7 +21,7 @@ import torch
 
 from qkvx.artifact import Manifest
 from qkvx.errors import QkvxError
-from qkvx.harness.parity import Parity, check_parity
+from qkvx.harness.parity import Parity, check_parity, runtime_agreement
 from qkvx.harness.runners import check_runtime, open_runner, runtimes_for
 from qkvx.recipes import Gates
 from qkvx.util import sha256_source
@@ -36,6 +36,9 @@ class Validation:
     passed: bool
     runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name as passed -> Parity.to_dict()
     stream: dict[str, Any] = field(default_factory=dict)  # what was fed: source, tokens, windows
+    # with several runtimes, each against each earlier one: "arm64 vs pte-native" -> max_abs_dlogit,
+    # same_top1 (share of positions), positions (parity.runtime_agreement)
+    agreement: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,14 +123,20 @@ def validate(
         True,
         stream={"source": what, "tokens": window * n_windows, "windows": n_windows, "prefill": prefill},
     )
+    logits = {}
     for name in names:
         runner = open_runner(name, directory, device=device)
+        record: dict = {}
         try:
-            p = check_parity(ref, runner, stream[: window * n_windows], prefill, gates, n_windows, is_text)
+            p = check_parity(
+                ref, runner, stream[: window * n_windows], prefill, gates, n_windows, is_text, record
+            )
         finally:
             runner.close()
         result.runtimes[name] = p.to_dict()
         result.passed &= p.passed
+        logits[name] = record["logits"]
+    result.agreement = runtime_agreement(logits)
     return result
 
 

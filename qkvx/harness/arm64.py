@@ -1,34 +1,28 @@
-"""arm64 runner: model.onnx through onnxruntime's aarch64 build on an emulated arm64 CPU.
+"""arm64 runner: an artifact on an emulated arm64 CPU. model.onnx runs through onnxruntime's
+aarch64 build, model.pte through ExecuTorch's aarch64 C++ runtime (qkvx-run with XNNPACK and
+qkvx's kernels, cross-built by the emulator's setup).
 
-Host code cannot call into an emulated process, so the runner starts arm64_driver.py ONCE inside
-the emulator (qkvx.harness.emulator: qemu-aarch64-static -cpu MODEL, Debian's arm64 python3) and
-talks to it over pipes in the driver's frame protocol; the driver keeps the past / present cache
-between calls exactly as the host onnxruntime runner does (both use ort_feed.OrtStepper).
-Emulation costs time, not accuracy: the numbers are those of onnxruntime's arm64 kernels.
+Host code cannot call into an emulated process, so the runner starts ONE child inside the emulator
+(qkvx.harness.emulator: qemu-aarch64-static -cpu MODEL) and talks to it over pipes in the frame
+protocol of arm64_driver.py (qkvx.harness.child): for ONNX arm64_driver.py itself in Debian's
+arm64 python3, keeping the past / present cache between calls exactly as the host onnxruntime
+runner does (both use ort_feed.OrtStepper); for a .pte `qkvx-run --serve`, as pte-native does on
+the host. Emulation costs time, not accuracy: the numbers are those of the arm64 kernels.
 """
 
 from __future__ import annotations
 
 import json
-import selectors
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
-
-import numpy as np
-import torch
-from torch import Tensor
+from typing import Any
 
 from qkvx.errors import QkvxError
 from qkvx.harness import emulator
-from qkvx.harness.arm64_driver import from_npy, read_frame, to_npy, write_frame
-from qkvx.harness.runners import Runner, register
+from qkvx.harness.child import ChildRunner
+from qkvx.harness.runners import register
 
 DEFAULT_CPU = "cortex-a76"
 DRIVER = Path(__file__).with_name("arm64_driver.py")  # ort_feed.py next to it is importable too
-START_TIMEOUT = 300.0  # seconds: importing onnxruntime under qemu takes a few, a loaded CI box more
-STEP_TIMEOUT = 600.0
 
 
 def onnx_max_seq_len(path: Path) -> int:
@@ -46,11 +40,12 @@ def onnx_max_seq_len(path: Path) -> int:
     return int(json.loads(meta["qkvx.spec"])["max_positions"])
 
 
-@register("arm64", formats=("onnx",))
-class Arm64Runner(Runner):
-    """model.onnx on an emulated arm64 core: `cpu` (a qemu -cpu model), else the `device` profile's
-    qemu_cpu, else Cortex-A76. threads: onnxruntime intra-op threads inside the emulator; 1 by
-    default, since qemu-user runs guest threads on host cores and a tiny graph only pays the sync."""
+@register("arm64", formats=("onnx", "pte"))
+class Arm64Runner(ChildRunner):
+    """model.onnx or model.pte on an emulated arm64 core: `cpu` (a qemu -cpu model), else the
+    `device` profile's qemu_cpu, else Cortex-A76. threads: onnxruntime intra-op threads / the size
+    of ExecuTorch's thread pool inside the emulator; 1 by default, since qemu-user runs guest
+    threads on host cores and a tiny graph only pays the sync."""
 
     def __init__(
         self,
@@ -63,17 +58,18 @@ class Arm64Runner(Runner):
         **options: Any,
     ):
         super().__init__(path)
-        threads = threads or 1
         self.path = Path(path).resolve()
+        self.pte = self.path.suffix == ".pte"
         if not self.path.is_file():
-            raise QkvxError(f"{self.path}: no such ONNX file")
-        from qkvx.export.ortops import uses_custom_ops
+            raise QkvxError(f"{self.path}: no such {'.pte' if self.pte else 'ONNX'} file")
+        if not self.pte:
+            from qkvx.export.ortops import uses_custom_ops
 
-        if uses_custom_ops(self.path):
-            raise QkvxError(
-                f"{self.path}: runtime 'arm64' cannot run it: its qkvx.CachedAttention op library "
-                f"is built for the host only (export with onnx-fp32 or onnx-fp32-rotary for arm64)"
-            )
+            if uses_custom_ops(self.path):
+                raise QkvxError(
+                    f"{self.path}: runtime 'arm64' cannot run it: its qkvx.CachedAttention op library "
+                    f"is built for the host only (export with onnx-fp32 or onnx-fp32-rotary for arm64)"
+                )
         if cpu is None and device is not None:
             from qkvx.devices import load_device
 
@@ -84,109 +80,28 @@ class Arm64Runner(Runner):
                 )
             cpu = profile.qemu_cpu
         self.cpu = cpu or DEFAULT_CPU
-        self.threads, self.cache_dir = threads, cache_dir
-        self.max_seq_len = onnx_max_seq_len(self.path)
-        self.prefill_chunk = self.max_seq_len  # one graph for any past length, as on the host
-        self.proc: subprocess.Popen | None = None
+        self.threads, self.cache_dir = threads or 1, cache_dir
+        self.runtime = f"arm64 {'ExecuTorch' if self.pte else 'onnxruntime'} ({self.cpu})"
+        self.host = f"arm64 emulator ({self.cpu})"
+        if not self.pte:
+            self.max_seq_len = onnx_max_seq_len(self.path)
+            self.prefill_chunk = self.max_seq_len  # one graph for any past length, as on the host
         self.info: dict = {}
         self._start()
+        if self.pte:  # the program's constant methods, read by qkvx-run
+            self.max_seq_len, self.prefill_chunk = self.info["max_seq_len"], self.info["prefill_chunk"]
 
-    # -- the driver process ------------------------------------------------------------------
     def _start(self) -> None:
-        emulator.require(self.cache_dir)  # one line saying how to fix it, never a silent pass
-        cmd = emulator.command([str(DRIVER), str(self.path), str(self.threads)], self.cpu, self.cache_dir)
-        self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody has to drain it
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=emulator.env()
-        )
-        kind, payload = self._recv(START_TIMEOUT, "starting")
-        if kind != b"H":
-            self.close()
-            raise QkvxError(
-                f"{self.path}: arm64 onnxruntime ({self.cpu}) cannot load this model: "
-                f"{payload.decode(errors='replace')}"
+        emulator.require(self.cache_dir, pte=self.pte)  # one line saying how to fix it
+        super()._start()
+
+    def _command(self) -> list[str]:
+        if self.pte:
+            argv = [str(self.path), "--serve", "--threads", str(self.threads)]
+            return emulator.command(
+                argv, self.cpu, self.cache_dir, program=emulator.pte_runner(self.cache_dir)
             )
-        self.info = json.loads(payload)
+        return emulator.command([str(DRIVER), str(self.path), str(self.threads)], self.cpu, self.cache_dir)
 
-    def _recv(self, timeout: float, doing: str) -> tuple[bytes, bytes]:
-        assert self.proc is not None and self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:  # strict request/response: nothing sits buffered
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(timeout)
-        try:
-            frame = read_frame(self.proc.stdout) if ready else None
-        except EOFError:  # the driver died mid-frame
-            frame = None
-        if frame is None:
-            self._fail(f"no answer after {timeout:.0f} s" if not ready else "the driver exited", doing)
-        return frame
-
-    def _fail(self, what: str, doing: str) -> NoReturn:
-        code = self.proc.poll() if self.proc else None
-        tail = ""
-        if getattr(self, "_stderr", None) is not None:
-            self._stderr.seek(0)
-            lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-            tail = f": {lines[-1].strip()[:300]}" if lines else ""
-        self.close()
-        raise QkvxError(
-            f"{self.path}: arm64 emulator ({self.cpu}) {doing}: {what}"
-            f"{f' (exit code {code})' if code is not None else ''}{tail}"
-        )
-
-    def _request(self, kind: bytes, payload: bytes, doing: str) -> tuple[bytes, bytes]:
-        if self.proc is None:
-            self._start()
-        try:
-            write_frame(self.proc.stdin, kind, payload)
-        except (BrokenPipeError, OSError):
-            self._fail("the driver exited", doing)
-        return self._recv(STEP_TIMEOUT, doing)
-
-    # -- Runner ------------------------------------------------------------------------------
-    def reset(self) -> None:
-        super().reset()
-        # An empty cache in the live driver (cheap) rather than a new process: a restart would pay
-        # the emulated onnxruntime import (seconds) on every parity run, which calls reset first.
-        if self.proc is not None and self.proc.poll() is None:
-            kind, payload = self._request(b"R", b"", "resetting")
-            if kind != b"K":
-                self._fail(payload.decode(errors="replace"), "resetting")
-
-    def _forward(self, tokens: Tensor) -> Tensor:
-        ids = tokens.detach().cpu().numpy().astype(np.int64)
-        kind, payload = self._request(
-            b"S", to_npy(ids), f"running {len(ids)} token(s) at position {self.pos}"
-        )
-        if kind != b"L":
-            raise QkvxError(
-                f"{self.path}: arm64 onnxruntime ({self.cpu}) at position {self.pos}: "
-                f"{payload.decode(errors='replace')}"
-            )
-        return torch.from_numpy(from_npy(payload))
-
-    def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            try:
-                proc.stdin.close()  # EOF: the driver leaves its loop and exits
-                proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-        if getattr(self, "_stderr", None) is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def __enter__(self) -> "Arm64Runner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: modules may already be gone
-            pass
+    def _env(self) -> dict[str, str]:
+        return emulator.env()

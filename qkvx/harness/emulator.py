@@ -1,5 +1,7 @@
 """The arm64 emulator: Debian bookworm's arm64 python3.11 plus onnxruntime and numpy
-aarch64 wheels from PyPI, run under qemu-aarch64-static. `python -m qkvx.harness.emulator setup|status`.
+aarch64 wheels from PyPI, run under qemu-aarch64-static, and a .pte runtime: qkvx-run and qkvx's
+kernels cross-built with g++-aarch64-linux-gnu against ExecuTorch's aarch64 wheel (its lib/ and
+include/ only, qkvx.kernels.aarch64). `python -m qkvx.harness.emulator setup|status`.
 
 The user land is built without binfmt_misc (often not mounted in containers and CI sandboxes):
 `debootstrap --foreign` downloads and resolves the packages, then the .debs are unpacked on the host
@@ -19,10 +21,8 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +34,7 @@ SUITE, PYTHON = "bookworm", "3.11"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 QEMU = "qemu-aarch64-static"
 FIX_TOOLS = "apt-get install -y qemu-user-static debootstrap"
+FIX_CROSS = "apt-get install -y g++-aarch64-linux-gnu cmake"  # the .pte runtime's cross build
 FIX_SETUP = "qkvx emulator setup"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # Same versions as the host by default, so an arm64-vs-x86 difference is the ISA, not a release.
@@ -67,6 +68,7 @@ class EmulatorInfo:
     ready: bool
     cache_dir: str
     missing: list[str] = field(default_factory=list)  # what is not there, each with how to fix it
+    pte_missing: list[str] = field(default_factory=list)  # those of `missing` that only a .pte needs
     versions: dict = field(default_factory=dict)  # the stamp: suite, mirror, python, wheels, qemu
     action: str = "status"  # status | ready (setup was a no-op) | installed
     setup_seconds: float | None = None
@@ -81,7 +83,8 @@ class EmulatorInfo:
         }.get(self.action, "")
         return (
             f"arm64 emulator: ready{how}: Debian {v.get('suite')} python {v.get('python')}, "
-            f"onnxruntime {v.get('onnxruntime')}, numpy {v.get('numpy')}, {v.get('qemu')}; {self.cache_dir}"
+            f"onnxruntime {v.get('onnxruntime')}, numpy {v.get('numpy')}, "
+            f"ExecuTorch {v.get('executorch')} (qkvx-run), {v.get('qemu')}; {self.cache_dir}"
         )
 
 
@@ -104,10 +107,15 @@ def wanted() -> dict[str, str]:
 
 
 def tool_problems(need_debootstrap: bool) -> list[str]:
+    """What this machine lacks to run the emulator, or with need_debootstrap to set it up."""
     out = []
     tools = [QEMU, "unshare"] + (["debootstrap", "dpkg-deb", "tar"] if need_debootstrap else [])
     if absent := [t for t in tools if not shutil.which(t)]:
         out.append(f"{', '.join(absent)} not found: {FIX_TOOLS}")
+    if need_debootstrap and (
+        absent := [t for t in ("aarch64-linux-gnu-g++", "cmake") if not shutil.which(t)]
+    ):
+        out.append(f"{', '.join(absent)} not found: {FIX_CROSS}")
     if need_debootstrap and not KEYRING.exists():
         out.append(f"{KEYRING} not found: apt-get install -y debian-archive-keyring")
     if os.geteuid() != 0:
@@ -129,15 +137,41 @@ def status(cache_dir=None) -> EmulatorInfo:
     else:
         if stale := [f"{k} {stamp.get(k)} (want {v})" for k, v in wanted().items() if stamp.get(k) != v]:
             missing.append(f"stale arm64 user land ({', '.join(stale)}): {FIX_SETUP}")
-    return EmulatorInfo(ready=not missing, cache_dir=str(cache), missing=missing, versions=stamp)
+    pte_missing = []
+    try:
+        binary = pte_runner(cache)
+    except QkvxError as e:  # no csrc/ (not a source checkout) or no executorch: say which
+        pte_missing.append(f"no arm64 .pte runtime: {e}")
+    else:
+        if stamp.get("pte_runner") != str(binary) or not binary.exists():
+            pte_missing.append(
+                f"no arm64 .pte runtime for this source tree and executorch "
+                f"{metadata.version('executorch')} (qkvx-run, built once by setup): {FIX_SETUP}"
+            )
+    return EmulatorInfo(
+        ready=not missing and not pte_missing,
+        cache_dir=str(cache),
+        missing=missing + pte_missing,
+        pte_missing=pte_missing,
+        versions=stamp,
+    )
 
 
-def require(cache_dir=None) -> EmulatorInfo:
-    """status(), raising one QkvxError line saying how to fix it when not ready."""
+def require(cache_dir=None, pte: bool = False) -> EmulatorInfo:
+    """status(), raising one QkvxError line saying how to fix it when what an ONNX model (or, with
+    pte, a .pte) needs is not ready."""
     info = status(cache_dir)
-    if not info.ready:
-        raise QkvxError(f"arm64 emulator not ready: {'; '.join(info.missing)}")
+    problems = [m for m in info.missing if pte or m not in info.pte_missing]
+    if problems:
+        raise QkvxError(f"arm64 emulator not ready: {'; '.join(problems)}")
     return info
+
+
+def pte_runner(cache_dir=None) -> Path:
+    """qkvx-run cross-built for aarch64 from this source tree (what setup builds; may not exist)."""
+    from qkvx.kernels import aarch64
+
+    return aarch64.runner_binary(_cache(cache_dir))
 
 
 def debian_mirror() -> str:
@@ -180,8 +214,11 @@ def cpuinfo_text(cpu: str) -> str:
     )
 
 
-def command(argv: list[str], cpu: str = "cortex-a76", cache_dir=None) -> list[str]:
-    """The host command running ROOTFS's python3 with `argv` on an emulated `cpu`."""
+def command(
+    argv: list[str], cpu: str = "cortex-a76", cache_dir=None, program: str | Path | None = None
+) -> list[str]:
+    """The host command running `program` (an aarch64 executable; default ROOTFS's python3) with
+    `argv` on an emulated `cpu`."""
     cache = _cache(cache_dir)
     info = cache / "cpuinfo" / (re.sub(r"[^\w.-]", "_", cpu) + ".txt")
     text = cpuinfo_text(cpu)
@@ -208,7 +245,7 @@ def command(argv: list[str], cpu: str = "cortex-a76", cache_dir=None) -> list[st
         cpu,
         "-L",
         str(root),
-        str(root / "usr/bin/python3"),
+        str(program or root / "usr/bin/python3"),
         *argv,
     ]
 
@@ -224,114 +261,11 @@ def env() -> dict[str, str]:
     }
 
 
-def _run(
-    cmd: list[str],
-    what: str,
-    fix: str,
-    log: Path | None = None,
-    timeout: float = 600,
-    environ: dict | None = None,
-) -> str:
-    try:
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=environ or {**os.environ, "LC_ALL": "C"}
-        )  # C: errors to match on
-    except subprocess.TimeoutExpired:
-        raise QkvxError(f"{what} timed out after {timeout:.0f} s: {fix}") from None
-    if log:
-        log.write_text(p.stdout + p.stderr)
-    if p.returncode:
-        lines = [ln for ln in (p.stderr + p.stdout).splitlines() if ln.strip()]
-        why = next(
-            (ln for ln in reversed(lines) if ln.startswith(("E:", "ERROR"))), lines[-1] if lines else ""
-        )
-        raise QkvxError(f"{what} failed ({why.strip()[:200]}): {fix}" + (f" (log: {log})" if log else ""))
-    return p.stdout
-
-
-def _build_rootfs(cache: Path, mirror: str) -> None:
-    part = cache / "rootfs.partial"
-    shutil.rmtree(part, ignore_errors=True)
-    _run(
-        [
-            "debootstrap",
-            "--arch=arm64",
-            "--variant=minbase",
-            "--foreign",
-            "--include=python3",
-            SUITE,
-            str(part),
-            mirror,
-        ],
-        f"debootstrap {SUITE} arm64 from {mirror}",
-        "check the network, or set QKVX_DEBIAN_MIRROR to a reachable Debian mirror",
-        cache / "debootstrap.log",
-    )
-    archives = part / "var/cache/apt/archives"
-    for deb in sorted(archives.glob("*.deb")):  # the second stage's unpacking, done on the host
-        # --skip-old-files: the first stage already unpacked the required set; --keep-directory-
-        # symlink: keep the merged-/usr links (/bin -> usr/bin) that packages still ship paths under
-        dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-        tar = subprocess.run(
-            ["tar", "--skip-old-files", "--keep-directory-symlink", "-xf", "-", "-C", str(part)],
-            stdin=dpkg.stdout,
-            capture_output=True,
-            text=True,
-        )
-        dpkg.stdout.close()
-        if dpkg.wait() or tar.returncode:
-            raise QkvxError(f"unpacking {deb.name} failed ({tar.stderr.strip()[:200]}): {FIX_SETUP} --force")
-        deb.unlink()
-    if not (part / "usr/bin/python3").exists():
-        raise QkvxError(f"debootstrap left no usr/bin/python3 in {part}: {FIX_SETUP} --force")
-    shutil.rmtree(cache / "rootfs", ignore_errors=True)
-    part.rename(cache / "rootfs")
-
-
-def _install_wheels(cache: Path, want: dict) -> None:
-    wheels = cache / "wheels"
-    shutil.rmtree(wheels, ignore_errors=True)
-    plats = [
-        a
-        for p in (
-            "manylinux2014_aarch64",
-            "manylinux_2_28_aarch64",
-            "manylinux_2_27_aarch64",
-            "manylinux_2_17_aarch64",
-        )
-        for a in ("--platform", p)
-    ]
-    reqs = [f"{d}=={want[d]}" for d in PINS]
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            *plats,
-            "--python-version",
-            PYTHON.replace(".", ""),
-            "--implementation",
-            "cp",
-            "-d",
-            str(wheels),
-            *reqs,
-        ],
-        f"pip download of aarch64 wheels ({', '.join(reqs)})",
-        "check access to PyPI (pip config / proxy)",
-        cache / "pip.log",
-    )
-    site = rootfs(cache) / SITE
-    shutil.rmtree(site, ignore_errors=True)  # ours alone: Debian's own packages live in usr/lib
-    for whl in sorted(wheels.glob("*.whl")):  # a wheel is its site-packages tree, zipped
-        zipfile.ZipFile(whl).extractall(site)
-    shutil.rmtree(wheels)  # unpacked above; pip's own cache keeps them for a rebuild
-
-
 def setup(cache_dir=None, force: bool = False) -> EmulatorInfo:
-    """Build (or confirm) the emulator; idempotent: when ready, a no-op reporting "ready"."""
+    """Build (or confirm) the emulator; idempotent: when ready, a no-op reporting "ready". The
+    user land (for ONNX) and the .pte runtime are set up each only when missing or stale."""
+    from qkvx.harness import emulator_build  # imports this module: loaded only to build
+
     cache = _cache(cache_dir)
     if not force and (info := status(cache)).ready:
         info.action = "ready"
@@ -341,44 +275,23 @@ def setup(cache_dir=None, force: bool = False) -> EmulatorInfo:
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: one builds, the others wait
-        if not force and (info := status(cache)).ready:
+        info = status(cache)
+        if not force and info.ready:
             info.action = "ready"
             return info
         t0 = time.perf_counter()
-        want, mirror = wanted(), debian_mirror()
-        (cache / "stamp.json").unlink(missing_ok=True)  # not ready until everything below passed
-        if force or not (rootfs(cache) / "usr/bin/python3").exists():
-            _build_rootfs(cache, mirror)
-        _install_wheels(cache, want)
-        probe = (
-            "import json, platform, numpy, onnxruntime as o; print(json.dumps([platform.machine(), "
-            "platform.python_version(), o.__version__, numpy.__version__]))"
-        )
-        out = _run(
-            command(["-c", probe], "cortex-a76", cache),
-            "the emulated smoke test (import onnxruntime)",
-            f"check that `unshare -m` works here (root with CAP_SYS_ADMIN), then {FIX_SETUP} --force",
-            timeout=300,
-            environ=env(),
-        )
-        machine, pyver, ort_v, np_v = json.loads(out.strip().splitlines()[-1])
-        if machine != "aarch64" or (ort_v, np_v) != (want["onnxruntime"], want["numpy"]):
-            raise QkvxError(
-                f"emulated smoke test reports {machine} onnxruntime {ort_v} numpy {np_v}, "
-                f"want aarch64 {want['onnxruntime']} {want['numpy']}: {FIX_SETUP} --force"
-            )
-        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-        stamp = {
-            **want,
-            "python": ".".join(pyver.split(".")[:2]),
-            "python_full": pyver,
-            "mirror": mirror,
-            "qemu": qemu,
-            "setup_seconds": round(time.perf_counter() - t0, 1),
-        }
-        (cache / "stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")
+        stamp_file = cache / "stamp.json"
+        if force or [m for m in info.missing if m not in info.pte_missing]:
+            stamp_file.unlink(missing_ok=True)  # not ready until everything below passed
+            stamp = emulator_build.user_land(cache, force)
+            stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
+        stamp = json.loads(stamp_file.read_text())
+        if force or info.pte_missing:
+            stamp.update(emulator_build.pte_runtime(cache, force))
+            stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
+        seconds = round(time.perf_counter() - t0, 1)
     info = status(cache)
-    info.action, info.setup_seconds = "installed", stamp["setup_seconds"]
+    info.action, info.setup_seconds = "installed", seconds
     return info
 
 

@@ -36,6 +36,21 @@ class LogitStats:
     gap_noise_p50: float  # median |change of the reference's top-2 gap|: what sets a near-tie margin
 
 
+def runtime_agreement(logits: dict[str, torch.Tensor]) -> dict[str, dict[str, float | int]]:
+    """Every later runtime against every earlier one, on the same positions: "b vs a" -> max
+    |dlogit| and the share of positions with the same argmax (e.g. emulated arm64 vs the host)."""
+    names, out = list(logits), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            x, y = logits[a].double(), logits[b].double()
+            out[f"{b} vs {a}"] = {
+                "max_abs_dlogit": (x - y).abs().max().item(),
+                "same_top1": (x.argmax(-1) == y.argmax(-1)).double().mean().item(),
+                "positions": len(x),
+            }
+    return out
+
+
 def logit_stats(got: torch.Tensor, ref: torch.Tensor, gates: Gates) -> LogitStats:
     """got / ref [N, vocab]. The one comparison behind validate, eval, export and the soak."""
     got, ref = got.double(), ref.double()
@@ -123,9 +138,12 @@ def check_parity(
     gates: Gates,
     windows: int = 1,
     text: bool = False,
+    record: dict | None = None,
 ) -> Parity:
     """Split `tokens` into `windows` equal windows; in each, prefill `prefill` tokens then decode the
-    rest one at a time. Perplexity (with text=True) scores every next-token prediction."""
+    rest one at a time. Perplexity (with text=True) scores every next-token prediction. record: a
+    dict that receives the runtime's logits [positions, vocab] under "logits" (to compare runtimes
+    with each other)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     n = len(tokens) // windows
     if n <= prefill:
@@ -144,6 +162,8 @@ def check_parity(
         nll += F.cross_entropy(got[:-1], window[1:], reduction="sum").item()
         nll_ref += F.cross_entropy(ref[:-1], window[1:], reduction="sum").item()
     s = logit_stats(torch.cat(gots), torch.cat(refs), gates)
+    if record is not None:
+        record["logits"] = torch.cat(gots)
     ppl = math.exp(nll / (windows * (n - 1))) if text else None
     ppl_ref = math.exp(nll_ref / (windows * (n - 1))) if text else None
     change = ppl / ppl_ref - 1 if text else None

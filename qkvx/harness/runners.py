@@ -22,7 +22,7 @@ from qkvx.errors import QkvxError
 RUNNERS: dict[str, type["Runner"]] = {}
 ALIASES = {"ort": "onnx"}  # names users type for a registered runtime
 # Modules that register runners for artifacts; imported on first use (each pulls in its runtime).
-RUNNER_MODULES = ("qkvx.harness.pte", "qkvx.harness.ort", "qkvx.harness.arm64")
+RUNNER_MODULES = ("qkvx.harness.pte", "qkvx.harness.pte_native", "qkvx.harness.ort", "qkvx.harness.arm64")
 
 
 def register(name: str, formats: tuple[str, ...] = ()):

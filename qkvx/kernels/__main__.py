@@ -1,12 +1,13 @@
-"""python -m qkvx.kernels [--aarch64] [--tests] [--executorch-prefix DIR] [--out DIR]: build the
-kernel library (and qkvx_kernels_test) and print the library's path."""
+"""python -m qkvx.kernels [--aarch64] [--tests] [--runner] [--executorch-prefix DIR] [--out DIR]:
+build the kernel library (and qkvx_kernels_test, and the qkvx-run .pte runner) and print the
+library's path (and the runner's)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from qkvx.kernels.build import KernelsBuildError, build
+from qkvx.kernels.build import RUNNER, KernelsBuildError, build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         "--executorch-prefix", help="ExecuTorch include/ + lib/ directory (default: the installed wheel)"
     )
     ap.add_argument("--tests", action="store_true", help="also build qkvx_kernels_test")
+    ap.add_argument(
+        "--runner", action="store_true", help="also build qkvx-run (a .pte on ExecuTorch's C++ runtime)"
+    )
     ap.add_argument("--out", help="build directory (default: the cache directory the loader uses)")
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -30,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
             from qkvx.kernels.aarch64 import executorch_prefix
 
             prefix = executorch_prefix()
-        lib = build(a.aarch64, prefix, a.tests, a.jobs, a.out, a.verbose)
+        lib = build(a.aarch64, prefix, a.tests, a.jobs, a.out, a.verbose, runner=a.runner)
     except KernelsBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(lib)
+    if a.runner:
+        print(lib.parent / RUNNER)
     return 0
 
 

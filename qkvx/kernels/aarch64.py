@@ -1,6 +1,6 @@
 """The aarch64 side of the kernels: ExecuTorch's aarch64 wheel (its lib/ and include/ only) to
-cross-link against, and the C++ unit tests run under qemu-aarch64-static in the arm64 user land of
-qkvx.harness.emulator."""
+cross-link against, the C++ unit tests run under qemu-aarch64-static in the arm64 user land of
+qkvx.harness.emulator, and qkvx-run cross-built for it (the emulator's .pte runtime)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,23 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from qkvx.kernels.build import KernelsBuildError, build
+from qkvx.kernels.build import RUNNER, KernelsBuildError, build, build_dir, runner_path
 
 CACHE = Path("~/.cache/qkvx/arm64").expanduser()
+
+
+def prefix_dir(cache: Path = CACHE) -> Path:
+    """Where executorch_prefix() puts the aarch64 prefix of the installed executorch's version
+    (nothing is fetched)."""
+    return cache / f"executorch-{metadata.version('executorch')}-aarch64" / "executorch"
 
 
 def executorch_prefix(cache: Path = CACHE) -> Path:
     """An aarch64 ExecuTorch prefix (include/ + lib/) of the installed executorch's version, fetched
     once with pip from the manylinux aarch64 wheel and unpacked under `cache`."""
     version = metadata.version("executorch")
-    root = cache / f"executorch-{version}-aarch64"
-    prefix = root / "executorch"
+    prefix = prefix_dir(cache)
+    root = prefix.parent
     if (prefix / "lib" / "libexecutorch.so").exists():
         return prefix
     root.mkdir(parents=True, exist_ok=True)
@@ -62,6 +68,16 @@ def build_tests(cache: Path = CACHE) -> Path:
     """Cross-build qkvx_kernels_test for aarch64; returns the binary."""
     lib = build(aarch64=True, executorch_prefix_dir=executorch_prefix(cache), tests=True)
     return lib.parent / "qkvx_kernels_test"
+
+
+def runner_binary(cache: Path = CACHE) -> Path:
+    """Where build_runner() puts qkvx-run for aarch64 and this source tree (nothing is built)."""
+    return build_dir(aarch64=True, prefix=prefix_dir(cache)) / RUNNER
+
+
+def build_runner(cache: Path = CACHE) -> Path:
+    """Cross-build qkvx-run (and the kernel library it links) for aarch64; returns the binary."""
+    return runner_path(aarch64=True, executorch_prefix_dir=executorch_prefix(cache))
 
 
 def run_tests(

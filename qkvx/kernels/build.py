@@ -4,8 +4,11 @@ The library lands in a cache directory keyed by the sources, the ExecuTorch pref
 so an edited kernel is rebuilt and a stale one is never loaded:
   ~/.cache/qkvx/kernels/<arch>-<hash>/libqkvx_kernels.so   (QKVX_KERNELS_CACHE overrides the root)
 
-    python -m qkvx.kernels [--tests]      # host library (+ qkvx_kernels_test)
-    python -m qkvx.kernels --aarch64 [--tests]   # cross build, the aarch64 wheel (qkvx.kernels.aarch64)
+    python -m qkvx.kernels [--tests] [--runner]   # host library (+ qkvx_kernels_test, + qkvx-run)
+    python -m qkvx.kernels --aarch64 [--tests] [--runner]   # cross build against the aarch64 wheel
+
+qkvx-run (csrc/runner/) is ExecuTorch's C++ runtime driving a .pte, linked with XNNPACK,
+ExecuTorch's kernels and this library: `runner_path()` builds it on first use.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from qkvx.errors import QkvxError
 
 LIBRARY = "libqkvx_kernels.so"
 TEST_BINARY = "qkvx_kernels_test"
+RUNNER = "qkvx-run"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CROSS_COMPILER = "aarch64-linux-gnu-g++"
 
@@ -77,12 +81,14 @@ def build(
     jobs: int = 2,
     out: str | Path | None = None,
     verbose: bool = False,
+    runner: bool = False,
 ) -> Path:
     """Configure and build csrc/ with the system compiler; returns the library's path.
 
     aarch64: cross-compile with aarch64-linux-gnu-g++ (executorch_prefix_dir must then be an
-    aarch64 wheel's unpacked executorch/ directory). tests: also build qkvx_kernels_test.
-    Concurrent callers (pytest workers) wait on a lock instead of building twice."""
+    aarch64 wheel's unpacked executorch/ directory). tests: also build qkvx_kernels_test; runner:
+    also build qkvx-run (beside the library). Concurrent callers (pytest workers) wait on a lock
+    instead of building twice."""
     cmake = _require("cmake", "cmake")
     compiler = _require(CROSS_COMPILER, "g++-aarch64-linux-gnu") if aarch64 else _require("g++", "g++")
     prefix = Path(executorch_prefix_dir) if executorch_prefix_dir else executorch_prefix()
@@ -93,8 +99,11 @@ def build(
     lib = bdir / LIBRARY
     with open(bdir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp = bdir / (".built-tests" if tests else ".built")  # written only after a whole build
-        if out is None and stamp.exists():
+        # written only after a whole build, one per target set
+        stamps = [bdir / ".built"] + [
+            bdir / f".built-{x}" for x, on in (("tests", tests), ("runner", runner)) if on
+        ]
+        if out is None and all(s.exists() for s in stamps):
             return lib
         configure = [
             cmake,
@@ -104,13 +113,14 @@ def build(
             str(bdir),
             f"-DEXECUTORCH_PREFIX={prefix}",
             f"-DQKVX_BUILD_TESTS={'ON' if tests else 'OFF'}",
+            "-DQKVX_BUILD_RUNNER=ON",  # configures a target; built only when asked for below
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_CXX_COMPILER={compiler}",
         ]
         if aarch64:
             configure.append(f"-DCMAKE_TOOLCHAIN_FILE={CSRC / 'cmake' / 'aarch64-linux-gnu.cmake'}")
         print(f"qkvx.kernels: building {bdir} ...", file=sys.stderr, flush=True)
-        targets = ["qkvx_kernels"] + ([TEST_BINARY] if tests else [])
+        targets = ["qkvx_kernels"] + ([TEST_BINARY] if tests else []) + ([RUNNER] if runner else [])
         for cmd in (configure, [cmake, "--build", str(bdir), "-j", str(jobs), "--target", *targets]):
             run = subprocess.run(cmd, capture_output=not verbose, text=True)
             if run.returncode != 0:
@@ -118,6 +128,15 @@ def build(
                 raise KernelsBuildError(
                     f"building the qkvx kernels failed ({' '.join(cmd[:2])} ...):\n" + "\n".join(tail)
                 )
-        (bdir / ".built").touch()
-        stamp.touch()
+        for stamp in stamps:
+            stamp.touch()
     return lib
+
+
+def runner_path(aarch64: bool = False, executorch_prefix_dir: str | Path | None = None) -> Path:
+    """qkvx-run for this source tree: $QKVX_RUN when set (host only), else built now if missing
+    (beside the kernel library, under build()'s lock)."""
+    env = os.environ.get("QKVX_RUN")
+    if env and not aarch64:
+        return Path(env)
+    return build(aarch64, executorch_prefix_dir, runner=True).parent / RUNNER

@@ -45,14 +45,6 @@ def exported(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def arm64():
-    """The emulator, set up if it is not (a no-op when it is); skipped only when it cannot be."""
-    if not emulator.status().ready and (blockers := emulator.tool_problems(need_debootstrap=True)):
-        pytest.skip(f"arm64 emulator not set up and this machine cannot set it up: {'; '.join(blockers)}")
-    return emulator.setup()
-
-
 def _tokens(n=PREFILL + STEPS, seed=1):
     return torch.randint(0, DIMS["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed))
 

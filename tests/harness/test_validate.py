@@ -2,9 +2,6 @@
 and a JUnit file that names the failed check; a file changed after export is refused."""
 
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -17,15 +14,9 @@ from qkvx.api import export
 from qkvx.models.transformer import Transformer
 from qkvx.util import sha256_file
 
+from pte_cases import cli
 
-def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "qkvx", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "80"},
-    )
+run = cli  # `qkvx ARGS` in a fresh process
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +137,19 @@ def test_eval_table_in_80_columns(onnx_export, fits_80):
     assert r.returncode == 0, r.stderr
     fits_80(r.stdout)
     assert "onnx" in r.stdout and "pass" in r.stdout
+
+
+def test_runtime_agreement_each_later_runtime_against_each_earlier():
+    import torch
+
+    from qkvx.harness.parity import runtime_agreement
+
+    a = torch.tensor([[0.0, 1.0, 2.0], [3.0, 2.0, 1.0]])
+    b = a + torch.tensor([[0.0, 0.0, 0.25], [0.0, 0.0, 2.5]])  # row 1's argmax moves to index 2
+    c = a.clone()
+    out = runtime_agreement({"pte": a, "pte-native": b, "arm64": c})
+    assert list(out) == ["pte-native vs pte", "arm64 vs pte", "arm64 vs pte-native"]
+    assert out["pte-native vs pte"] == {"max_abs_dlogit": 2.5, "same_top1": 0.5, "positions": 2}
+    assert out["arm64 vs pte"] == {"max_abs_dlogit": 0.0, "same_top1": 1.0, "positions": 2}
+    assert out["arm64 vs pte-native"]["max_abs_dlogit"] == 2.5
+    assert runtime_agreement({"pte": a}) == {}  # one runtime: nothing to compare
