@@ -7,6 +7,7 @@ import torch
 
 from qkvx.recipes import load_recipe
 from qkvx.soak import compare, decode_stream, one_thread_runner, run_soak, soak_model
+from qkvx.util import variant_slug
 
 STEPS, PROMPT, WINDOW = 300, 16, 100
 VARIANT = "llama-Q-K=V"  # RoPE with k = v: keys are rotated on every cache read
@@ -91,7 +92,7 @@ class _HoleInCache:
 @torch.no_grad()
 def test_comparison_fails_a_cache_that_loses_a_position(soak):
     out, _ = soak
-    runner = one_thread_runner("pte", out / "models" / VARIANT.replace("=", "") / "pte" / "model.pte")
+    runner = one_thread_runner("pte", out / "models" / variant_slug(VARIANT) / "pte" / "model.pte")
     tokens = torch.randint(
         0, 256, (PROMPT + STEPS - 1,), generator=torch.Generator().manual_seed(2)
     )  # room for the hole
