@@ -173,8 +173,9 @@ def to_markdown(result: dict) -> str:
     stream = result["stream_gbs"]
     n = len(next(iter(result["runs"].values())))
     lines = [
-        f"Streaming read, one thread (numpy sum over 1 GiB): median {statistics.median(stream):.1f} GB/s "
-        f"(min {min(stream):.1f}, max {max(stream):.1f}); {n} rounds, medians.",
+        "Streaming read, one thread (numpy sum over 1 GiB, best of 3 passes): median "
+        f"{statistics.median(stream):.1f} GB/s (min {min(stream):.1f}, max {max(stream):.1f}); "
+        f"{n} rounds, medians.",
     ]
     if result.get("load"):  # other work on the machine: the times and ratios are only as quiet as it
         loads = ", ".join(f"{x:.1f}" for x in result["load"])
