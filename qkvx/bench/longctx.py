@@ -11,8 +11,9 @@ A paper-300m-wide model (d 1024, 16 heads of 64, n_inner 4096) with fewer layers
 every cell fits in the time, vocab 256, random weights, fp32 weights. Each artifact is exported
 once, then measured `rounds` times, each in a fresh process (qkvx.bench.longctx_worker), the
 artifacts interleaved round by round, and the median over rounds reported. Each round also
-measures a single-thread streaming read (numpy sum over 1 GiB), the bound the GB/s figures are
-compared with. Every cache position a step reads holds real values (longctx_worker).
+measures a single-thread streaming read (numpy sum over 1 GiB, in its own fresh process), the
+bound the GB/s figures are compared with. Every cache position a step reads holds real values
+(longctx_worker).
 """
 
 from __future__ import annotations
@@ -122,20 +123,21 @@ def measure(config: Config, path: Path, contexts, threads, steps: int, profile: 
         steps=steps,
         profile=profile,
     )
+    return _worker(arg, config.key)
+
+
+def _worker(arg: dict, what: str = "stream") -> dict:
+    """Run qkvx.bench.longctx_worker in a fresh process; its last stdout line is the JSON result."""
     cmd = [sys.executable, "-m", "qkvx.bench.longctx_worker", json.dumps(arg)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"{config.key}: worker failed:\n{res.stderr[-2000:]}")
+        raise RuntimeError(f"{what}: worker failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: int) -> dict:
     """Export what is missing, then measure every config `rounds` times, interleaved. Returns (and
     writes to out/longctx.json) {"stream_gbs": [...], "runs": {key: [worker result per round]}}."""
-    import numpy as np
-
-    from qkvx.kernels.bench_attend import stream_bandwidth
-
     out.mkdir(parents=True, exist_ok=True)
     for cfg in cfgs:
         path = cfg.path(out)
@@ -143,11 +145,10 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
             t0 = time.perf_counter()
             export(cfg, path)
             print(f"exported {cfg.key} in {time.perf_counter() - t0:.0f} s", flush=True)
-    big = np.ones(256 * 1024 * 1024, dtype=np.float32)  # 1 GiB, every page written
     result: dict = {"contexts": list(contexts), "threads": list(threads), "stream_gbs": [], "runs": {}}
     for r in range(rounds):
         result.setdefault("load", []).append(os.getloadavg()[0])
-        result["stream_gbs"].append(stream_bandwidth(big) / 1e9)
+        result["stream_gbs"].append(_worker({"format": "stream"})["stream_gbs"])
         for i, cfg in enumerate(cfgs):
             profile = cfg.format == "pte" and r == 0  # ETDump once: shares vary less than times
             res = measure(cfg, cfg.path(out), contexts, threads, steps, profile)

@@ -2,6 +2,7 @@
 
     python -m qkvx.bench.longctx_worker '{"format": "pte", "path": ..., "contexts": [...],
                                           "threads": [1, 2], "steps": 8, "profile": true}'
+    python -m qkvx.bench.longctx_worker '{"format": "stream"}'
 
 Prints one JSON line: {"ms": {threads: {context: median ms/token}}, "profile": {context: parts}}.
 
@@ -95,8 +96,21 @@ def measure(fmt: str, path: Path, contexts: list[int], threads: list[int], steps
     return ms
 
 
+def stream_gbs() -> float:
+    """Single-thread streaming read of a freshly written 1 GiB array, GB/s. In a fresh process:
+    an array kept in the parent across rounds was paged out while the workers mapped their
+    programs, and read at a tenth of the speed."""
+    from qkvx.kernels.bench_attend import stream_bandwidth
+
+    big = np.ones(256 * 1024 * 1024, dtype=np.float32)  # every page written
+    return stream_bandwidth(big) / 1e9
+
+
 def main(argv: list[str]) -> int:
     a = json.loads(argv[0])
+    if a["format"] == "stream":
+        print(json.dumps({"stream_gbs": stream_gbs()}))
+        return 0
     path, contexts = Path(a["path"]), a["contexts"]
     out: dict = {"ms": measure(a["format"], path, contexts, a["threads"], a["steps"])}
     if a["format"] == "pte" and a.get("profile"):
