@@ -6,6 +6,7 @@
 // head, M = R * T query rows per kv head (row m = t * R + r is query head g * R + r at token t).
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
@@ -17,7 +18,11 @@
 namespace qkvx {
 namespace {
 
-std::atomic<bool> g_force_portable{false};
+// The vectorized paths, best first; a path is taken when the CPU has it and the head size fits.
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3, kAuto = -1 };
+const char* const kPathNames[] = {"portable", "avx2", "avx512", "neon"};
+
+std::atomic<int> g_forced_path{kAuto};
 std::atomic<int64_t> g_chunk_rows{0};
 
 // Below this many cache bytes per chunk, waking a second thread costs more than it saves.
@@ -26,33 +31,64 @@ constexpr int64_t kMinChunkBytes = 256 * 1024;
 // with another process) evens out by taking more of them.
 constexpr int64_t kChunksPerThread = 4;
 // With RoPE a tile visits every kv head over the same positions, so its cos/sin rows are read
-// from memory once and from cache for the other heads. Tiles stay long (the tables of one tile
-// fill this budget): each head's rows of a tile are one contiguous stream, and short per-head
-// streams starve the hardware prefetcher.
-constexpr int64_t kRopeTileTableBytes = 2 * 1024 * 1024;
-
+// from memory once and from L2 for the other heads: the tile's table rows fit this budget.
+constexpr int64_t kRopeTileTableBytes = 256 * 1024;
 int64_t elem_bytes(int32_t dtype) {
   return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
 }
 
+bool usable(int path) {
+  switch (path) {
+    case kPortable: return true;
 #if defined(__x86_64__) || defined(_M_X64)
-bool avx2_usable() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-#endif
-
-TileKernel choose_kernel(int64_t D, bool rope) {
-  if (g_force_portable.load()) return tile_kernel_portable;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (avx2_usable() && D % 8 == 0 && (!rope || D % 16 == 0)) return tile_kernel_avx2;
+    case kAvx2: {
+      static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                             __builtin_cpu_supports("f16c");
+      return ok;
+    }
+    case kAvx512: {
+      static const bool ok = usable(kAvx2) && __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+      return ok;
+    }
 #endif
 #if defined(__aarch64__)
-  if (D % 4 == 0 && (!rope || D % 8 == 0)) return tile_kernel_neon;
+    case kNeon: return true;
 #endif
-  (void)D;
-  (void)rope;
+    default: return false;
+  }
+}
+
+// The best usable path at or below the forced one (the best of all when not forced).
+int best_path() {
+  const int forced = g_forced_path.load();
+  static const int order[] = {kAvx512, kNeon, kAvx2};
+  for (int p : order) {
+    if ((forced == kAuto || forced == p || (forced == kAvx512 && p == kAvx2)) && usable(p)) return p;
+  }
+  return kPortable;
+}
+
+TileKernel choose_kernel(int64_t D, bool rope) {
+  // RoPE pairs element i with i + D/2, so both halves must be whole vectors.
+  auto fits = [&](int64_t w) { return D % w == 0 && (!rope || D % (2 * w) == 0); };
+  switch (best_path()) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case kAvx512:
+      if (fits(16)) return tile_kernel_avx512;
+      [[fallthrough]];
+    case kAvx2:
+      if (fits(8)) return tile_kernel_avx2;
+      break;
+#endif
+#if defined(__aarch64__)
+    case kNeon:
+      if (fits(4)) return tile_kernel_neon;
+      break;
+#endif
+    default: break;
+  }
   return tile_kernel_portable;
 }
 
@@ -60,19 +96,23 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-void set_force_portable(bool on) { g_force_portable.store(on); }
-bool force_portable() { return g_force_portable.load(); }
+Status force_simd_path(const char* name) {
+  if (name == nullptr || name[0] == 0) {
+    g_forced_path.store(kAuto);
+    return Status{};
+  }
+  for (int p = kPortable; p <= kNeon; ++p) {
+    if (std::strcmp(name, kPathNames[p]) != 0) continue;
+    if (!usable(p)) return fail(QKVX_INVALID_ARGUMENT, "qkvx: this CPU cannot take the %s path", name);
+    g_forced_path.store(p);
+    return Status{};
+  }
+  return fail(QKVX_INVALID_ARGUMENT, "qkvx: unknown simd path '%s' (portable, avx2, avx512, neon)",
+              name);
+}
 void set_chunk_rows(int64_t rows) { g_chunk_rows.store(rows < 0 ? 0 : rows); }
 int64_t chunk_rows() { return g_chunk_rows.load(); }
-
-const char* simd_path() {
-  if (g_force_portable.load()) return "portable";
-#if defined(__aarch64__)
-  return "neon";
-#else
-  return avx2_usable() ? "avx2" : "portable";
-#endif
-}
+const char* simd_path() { return kPathNames[best_path()]; }
 
 Status attend(const AttendArgs& a) {
   Status st = check_attend(a);
@@ -98,7 +138,7 @@ Status attend(const AttendArgs& a) {
     chunk = ceil_div(ceil_div(n_keys, n), 8) * 8;  // whole blocks of rows
   }
   const int64_t n_chunks = ceil_div(n_keys, chunk);
-  const int64_t rope_rows = kRopeTileTableBytes / (2 * D * static_cast<int64_t>(sizeof(float)));
+  const int64_t rope_rows = kRopeTileTableBytes / (D * static_cast<int64_t>(sizeof(float)));  // D/2 each
   const int64_t tile_rows = rope ? (rope_rows > 256 ? rope_rows : 256) : chunk;
 
   // Queries regrouped per kv head and pre-scaled by 1/sqrt(D): qg [G][M][D]; limit [M].
@@ -133,6 +173,7 @@ Status attend(const AttendArgs& a) {
   const float* vs = shared ? ks : a.v_scale ? static_cast<const float*>(a.v_scale->data) : nullptr;
   const float* cosp = rope ? static_cast<const float*>(a.rope_cos->data) : nullptr;
   const float* sinp = rope ? static_cast<const float*>(a.rope_sin->data) : nullptr;
+  const int64_t ts = rope ? a.rope_cos->sizes[1] : 0;  // HF's [P, D] tables: the first halves
   std::atomic<bool> oom{false};
 
   run_parallel(n_chunks, [&](int64_t c_begin, int64_t c_end) {
@@ -153,8 +194,9 @@ Status attend(const AttendArgs& a) {
           t.v = vbase + row * D * eb;
           t.k_scale = ks ? ks + row : nullptr;
           t.v_scale = vs ? vs + row : nullptr;
-          t.cos = cosp ? cosp + r0 * D : nullptr;
-          t.sin = sinp ? sinp + r0 * D : nullptr;
+          t.cos = cosp ? cosp + r0 * ts : nullptr;
+          t.sin = sinp ? sinp + r0 * ts : nullptr;
+          t.table_stride = ts;
           t.dtype = dtype;
           t.row0 = r0;
           t.rows = rows;

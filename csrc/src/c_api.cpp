@@ -52,11 +52,7 @@ int qkvx_set_num_threads(int n) { return static_cast<int>(qkvx::set_thread_count
 int qkvx_num_threads(void) { return static_cast<int>(qkvx::thread_count()); }
 const char* qkvx_simd_path(void) { return qkvx::simd_path(); }
 
-int qkvx_force_portable(int on) {
-  const int prev = qkvx::force_portable() ? 1 : 0;
-  qkvx::set_force_portable(on != 0);
-  return prev;
-}
+int qkvx_force_simd_path(const char* name) { return finish(qkvx::force_simd_path(name)); }
 
 int64_t qkvx_set_chunk_rows(int64_t rows) {
   const int64_t prev = qkvx::chunk_rows();

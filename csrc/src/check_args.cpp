@@ -180,11 +180,13 @@ Status check_attend(const AttendArgs& x) {
   }
   for (const qkvx_tensor* r : {x.rope_cos, x.rope_sin}) {
     if (r == nullptr) continue;
-    if (r->ndim != 2 || r->dtype != QKVX_FLOAT32 || r->sizes[1] != D || D % 2 != 0 ||
+    if (r->ndim != 2 || r->dtype != QKVX_FLOAT32 || D % 2 != 0 ||
+        (r->sizes[1] != D / 2 && r->sizes[1] != D) || r->sizes[1] != x.rope_cos->sizes[1] ||
         r->sizes[0] < x.start_pos + T || !has_data(r)) {
       return fail(QKVX_INVALID_ARGUMENT,
-                  "%s: rope table %s must be float32 [P >= %lld, D = %lld] with D even", op,
-                  shape_str(r, a, sizeof a), (long long)(x.start_pos + T), (long long)D);
+                  "%s: rope table %s must be float32 [P >= %lld, D / 2 = %lld] (or HF's [P, D]), "
+                  "cos and sin alike, with D even",
+                  op, shape_str(r, a, sizeof a), (long long)(x.start_pos + T), (long long)(D / 2));
     }
   }
   s = check_rank4(op, "out", x.out, true, false, false);

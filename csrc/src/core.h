@@ -54,8 +54,9 @@ Status check_attend(const AttendArgs& a);
 Status attend(const AttendArgs& a);  // checks, then computes
 
 // Runtime knobs (process-wide).
-void set_force_portable(bool on);
-bool force_portable();
+// "portable" | "avx2" | "avx512" | "neon": the best path at most this one (usable on this CPU);
+// null or "": the runtime choice.
+Status force_simd_path(const char* name);
 void set_chunk_rows(int64_t rows);  // 0 = automatic
 int64_t chunk_rows();
 const char* simd_path();

@@ -2,8 +2,8 @@
 // M query rows that read this kv head (M = R query heads x T queries), folded into a running
 // (max, sum, accumulator) per query row: the online softmax.
 //
-// Three instantiations of one template (tile_kernel_impl.h): portable scalar, AVX2/FMA/F16C
-// (its own translation unit compiled with those flags, chosen at run time) and NEON.
+// Four instantiations of one template (tile_kernel_impl.h): portable scalar, AVX2/FMA/F16C and
+// AVX-512 (each its own translation unit compiled with those flags, chosen at run time) and NEON.
 #pragma once
 
 #include <cstdint>
@@ -16,8 +16,9 @@ struct Tile {
   const void* v = nullptr;        // [rows][D]; == k for K=V
   const float* k_scale = nullptr;  // [rows] (int8 only)
   const float* v_scale = nullptr;  // [rows] (int8 only)
-  const float* cos = nullptr;      // [rows][D] RoPE table rows of the same positions, or null
+  const float* cos = nullptr;  // RoPE half-table rows of the same positions (D/2 used), or null
   const float* sin = nullptr;
+  int64_t table_stride = 0;    // floats from one table row to the next (D/2, or D for HF's tables)
   int32_t dtype = 0;               // QKVX_FLOAT32 | QKVX_FLOAT16 | QKVX_INT8
   int64_t row0 = 0;
   int64_t rows = 0;
@@ -41,6 +42,8 @@ using TileKernel = void (*)(const Tile&);
 void tile_kernel_portable(const Tile& t);
 #if defined(__x86_64__) || defined(_M_X64)
 void tile_kernel_avx2(const Tile& t);  // needs AVX2 + FMA + F16C, D % 8 == 0 (RoPE: D % 16 == 0)
+// needs AVX-512 F/DQ/BW/VL + FMA + F16C, D % 16 == 0 (RoPE: D % 32 == 0)
+void tile_kernel_avx512(const Tile& t);
 #endif
 #if defined(__aarch64__)
 void tile_kernel_neon(const Tile& t);  // D % 4 == 0 (RoPE: D % 8 == 0)

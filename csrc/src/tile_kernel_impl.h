@@ -1,14 +1,15 @@
 // The tile kernel, written once over a small vector-traits struct `Vt` that the including
-// translation unit defines (portable scalar, AVX2, NEON). Everything here sits in an anonymous
-// namespace: each instantiating TU is compiled with different target flags, and a shared inline
-// symbol could otherwise be resolved to the AVX2 copy on a CPU without AVX2.
+// translation unit defines (portable scalar, AVX2, AVX-512, NEON). Everything here sits in an
+// anonymous namespace: each instantiating TU is compiled with different target flags, and a shared
+// inline symbol could otherwise be resolved to the AVX2 copy on a CPU without AVX2.
 //
 // Vt provides: W (lanes), V (vector type), zero, load, load_half, load_int8 (W elements as fp32
-// lanes), store, set1, add, sub, mul,
-// fma(a, b, c) = a * b + c, to_float(const uint16_t* half, float*, n), to_float(const int8_t*,
-// float*, n) (n % W == 0), prefetch(const char*) (one cache line), reduce8(const V acc[8],
-// float out[8]) (horizontal sums), max8 / sum8 (of 8 floats), exp(V) for arguments <= 0 that
-// returns exactly 0 below kMinExponent.
+// lanes), store, set1, add, sub, mul, fma(a, b, c) = a * b + c, fnma(a, b, c) = c - a * b,
+// to_float(const uint16_t* half, float*, n), to_float(const int8_t*, float*, n) (n % W == 0),
+// prefetch(const char*) (one cache line), reduce8(const V acc[8], float out[8]) (horizontal sums).
+// Vt::Blk is the traits struct of the block-of-8 operations (a W <= 8 one: Vt itself, or AVX2 under
+// AVX-512): load/store/mul/sub/set1 over 8 floats, max8 / sum8 (of 8 floats), and exp(V) for
+// arguments <= 0 that returns exactly 0 below kMinExponent.
 #include <algorithm>
 #include <cmath>
 
@@ -51,17 +52,17 @@ inline const float* fetch_row(const void* base, int64_t r, int64_t D, float* dst
   return dst;
 }
 
-// HF rotate_half RoPE of one row: k = x * cos + cat(-x2, x1) * sin. In place (k == x) is fine:
-// each step reads both halves before writing them.
+// HF rotate_half RoPE of one row with half tables c, s [D/2] (HF's tables repeat them over both
+// halves): k1 = x1 c - x2 s, k2 = x2 c + x1 s. In place (k == x) is fine: each step reads both
+// halves before writing them.
 template <class Vt>
 inline void rotate_row(const float* x, const float* c, const float* s, float* k, int64_t D) {
   const int64_t h = D / 2;
   for (int64_t i = 0; i < h; i += Vt::W) {
     const auto x1 = Vt::load(x + i), x2 = Vt::load(x + h + i);
-    const auto lo = Vt::sub(Vt::mul(x1, Vt::load(c + i)), Vt::mul(x2, Vt::load(s + i)));
-    const auto hi = Vt::fma(x1, Vt::load(s + h + i), Vt::mul(x2, Vt::load(c + h + i)));
-    Vt::store(k + i, lo);
-    Vt::store(k + h + i, hi);
+    const auto cv = Vt::load(c + i), sv = Vt::load(s + i);
+    Vt::store(k + i, Vt::fnma(x2, sv, Vt::mul(x1, cv)));
+    Vt::store(k + h + i, Vt::fma(x1, sv, Vt::mul(x2, cv)));
   }
 }
 
@@ -85,8 +86,29 @@ inline void dot_block(const float* q, const void* const* k, int64_t D, float* ou
   Vt::reduce8(acc, out);
 }
 
+// out[j] = q . rope(k[j]) for the 8 rows of a block, each row rotated in registers as it is read
+// (no rotated copy is stored): q1 . (x1 c - x2 s) + q2 . (x2 c + x1 s) over the halves, with the
+// half tables c[j], s[j] [D/2] of row j's position. Rows of KT.
+template <class Vt, int KT>
+inline void dot_block_rope(const float* q, const void* const* k, const float* const* c,
+                           const float* const* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  typename Vt::V acc[kBlock];
+  for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
+  for (int64_t i = 0; i < h; i += Vt::W) {
+    const auto q1 = Vt::load(q + i), q2 = Vt::load(q + h + i);
+    for (int j = 0; j < kBlock; ++j) {
+      const auto x1 = ld<Vt, KT>(k[j], i), x2 = ld<Vt, KT>(k[j], h + i);
+      const auto cv = Vt::load(c[j] + i), sv = Vt::load(s[j] + i);
+      acc[j] = Vt::fma(q1, Vt::fnma(x2, sv, Vt::mul(x1, cv)), acc[j]);
+      acc[j] = Vt::fma(q2, Vt::fma(x1, sv, Vt::mul(x2, cv)), acc[j]);
+    }
+  }
+  Vt::reduce8(acc, out);
+}
+
 // w[j] = exp(sc[j] - mx) for j < n, 0 past n; returns their sum. Full blocks stay in vectors.
-template <class Vt, bool Full>
+template <class Bt, bool Full>
 inline float exp_block(const float* sc, int n, float mx, float* w) {
   alignas(32) float x[kBlock];
   const float* src = sc;
@@ -94,9 +116,9 @@ inline float exp_block(const float* sc, int n, float mx, float* w) {
     for (int j = 0; j < kBlock; ++j) x[j] = j < n ? sc[j] : mx - 100.0f;
     src = x;
   }
-  const auto m = Vt::set1(mx);
-  for (int j = 0; j < kBlock; j += Vt::W) Vt::store(w + j, Vt::exp(Vt::sub(Vt::load(src + j), m)));
-  return Vt::sum8(w);
+  const auto m = Bt::set1(mx);
+  for (int j = 0; j < kBlock; j += Bt::W) Bt::store(w + j, Bt::exp(Bt::sub(Bt::load(src + j), m)));
+  return Bt::sum8(w);
 }
 
 // acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns, rows of VT; NV = kBlock
@@ -126,23 +148,22 @@ inline void accumulate(float* acc, int64_t D, const float* w, const void* const*
   }
 }
 
-// Folds one block's rows (n of them; n == kBlock is the common, fully unrolled case) into query
-// row m's running (max, sum, acc). Key rows are of type KT, value rows of VT: the cache dtype
-// read directly, or fp32 rows converted / rotated once for several query rows.
-template <class Vt, int DT, bool Full, int KT, int VT>
-inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const void* const* krow,
+// Folds one block's scores sc (n rows; n == kBlock is the common, fully unrolled case) into query
+// row m's running (max, sum, acc). Value rows are of type VT: the cache dtype read directly, or
+// fp32 rows converted once for several query rows.
+template <class Vt, int DT, bool Full, int VT>
+inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc,
                        const void* const* vrow, int64_t D) {
+  using Bt = typename Vt::Blk;
   const int n = Full ? kBlock : nv;
-  alignas(32) float sc[kBlock];
-  dot_block<Vt, KT>(t.q + m * D, krow, D, sc);
   float bmax;
   if (Full) {  // all 8 rows visible and inside the tile: scales load as vectors
     if (DT == QKVX_INT8) {
-      for (int j = 0; j < kBlock; j += Vt::W) {
-        Vt::store(sc + j, Vt::mul(Vt::load(sc + j), Vt::load(t.k_scale + b + j)));
+      for (int j = 0; j < kBlock; j += Bt::W) {
+        Bt::store(sc + j, Bt::mul(Bt::load(sc + j), Bt::load(t.k_scale + b + j)));
       }
     }
-    bmax = Vt::max8(sc);
+    bmax = Bt::max8(sc);
   } else {
     if (DT == QKVX_INT8) {
       for (int j = 0; j < n; ++j) sc[j] *= t.k_scale[b + j];
@@ -160,11 +181,11 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, const void* 
     t.run_sum[m] *= alpha;
   }
   alignas(32) float w[kBlock];
-  t.run_sum[m] += exp_block<Vt, Full>(sc, n, mx, w);
+  t.run_sum[m] += exp_block<Bt, Full>(sc, n, mx, w);
   if (DT == QKVX_INT8) {
     if (Full) {
-      for (int j = 0; j < kBlock; j += Vt::W) {
-        Vt::store(w + j, Vt::mul(Vt::load(w + j), Vt::load(t.v_scale + b + j)));
+      for (int j = 0; j < kBlock; j += Bt::W) {
+        Bt::store(w + j, Bt::mul(Bt::load(w + j), Bt::load(t.v_scale + b + j)));
       }
     } else {
       for (int j = 0; j < n; ++j) w[j] *= t.v_scale[b + j];
@@ -188,9 +209,9 @@ void tile_loop(const Tile& t) {
     if (!shared) prefetch_rows<Vt, DT>(t.v, r0, r1, D);
   };
   const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
-  // One query row without RoPE reads every row in the cache dtype as it goes; otherwise rows are
-  // converted (and rotated) to fp32 once and then serve all M query rows.
-  const bool direct = t.M == 1 && !rope;
+  // One query row (decode without GQA) reads every row in the cache dtype as it goes, rotating
+  // keys in registers; several query rows share rows converted (and rotated) to fp32 once.
+  const bool direct = t.M == 1;
   const int64_t ahead = std::max<int64_t>(kBlock, kPrefetchBytes / (D * es));
   prefetch(0, ahead);
   for (int64_t b = 0; b < t.rows; b += kBlock) {
@@ -199,10 +220,13 @@ void tile_loop(const Tile& t) {
     const int64_t s0 = t.row0 + b;  // cache position of the block's first row
     const void* krow[kBlock];
     const void* vrow[kBlock];
+    const float* crow[kBlock];
+    const float* srow[kBlock];
     // The only read of these cache rows: each serves every query row's score and value.
     for (int j = 0; j < nb; ++j) {
       const int64_t r = b + j;
-      if (direct) {  // one query row: convert while computing, nothing stored
+      if (rope) crow[j] = t.cos + r * t.table_stride, srow[j] = t.sin + r * t.table_stride;
+      if (direct) {  // one query row: convert (and rotate) while computing, nothing stored
         krow[j] = static_cast<const char*>(t.k) + r * D * es;
         vrow[j] = static_cast<const char*>(t.v) + r * D * es;
         continue;
@@ -211,26 +235,37 @@ void tile_loop(const Tile& t) {
       float* vslot = vbuf + j * D;
       const float* kraw = fetch_row<Vt, DT>(t.k, r, D, shared && rope ? vslot : kslot);
       if (rope) {
-        rotate_row<Vt>(kraw, t.cos + r * D, t.sin + r * D, kslot, D);
+        rotate_row<Vt>(kraw, crow[j], srow[j], kslot, D);
         krow[j] = kslot;
       } else {
         krow[j] = kraw;
       }
       vrow[j] = shared ? kraw : fetch_row<Vt, DT>(t.v, r, D, vslot);
     }
-    for (int j = nb; j < kBlock; ++j) krow[j] = krow[0];
+    for (int j = nb; j < kBlock; ++j) {
+      krow[j] = krow[0];
+      if (rope) crow[j] = crow[0], srow[j] = srow[0];
+    }
     for (int64_t m = 0; m < t.M; ++m) {
       const int64_t visible = t.limit[m] - s0 + 1;  // causal: rows s0 .. limit[m]
       if (visible <= 0) continue;
       const int nv = visible < nb ? static_cast<int>(visible) : nb;
-      if (direct && nv == kBlock) {
-        fold_block<Vt, DT, true, DT, DT>(t, m, b, nv, krow, vrow, D);
+      alignas(32) float sc[kBlock];
+      if (direct && rope) {
+        dot_block_rope<Vt, DT>(t.q + m * D, krow, crow, srow, D, sc);
       } else if (direct) {
-        fold_block<Vt, DT, false, DT, DT>(t, m, b, nv, krow, vrow, D);
-      } else if (nv == kBlock) {
-        fold_block<Vt, DT, true, QKVX_FLOAT32, QKVX_FLOAT32>(t, m, b, nv, krow, vrow, D);
+        dot_block<Vt, DT>(t.q + m * D, krow, D, sc);
       } else {
-        fold_block<Vt, DT, false, QKVX_FLOAT32, QKVX_FLOAT32>(t, m, b, nv, krow, vrow, D);
+        dot_block<Vt, QKVX_FLOAT32>(t.q + m * D, krow, D, sc);
+      }
+      if (direct && nv == kBlock) {
+        fold_block<Vt, DT, true, DT>(t, m, b, nv, sc, vrow, D);
+      } else if (direct) {
+        fold_block<Vt, DT, false, DT>(t, m, b, nv, sc, vrow, D);
+      } else if (nv == kBlock) {
+        fold_block<Vt, DT, true, QKVX_FLOAT32>(t, m, b, nv, sc, vrow, D);
+      } else {
+        fold_block<Vt, DT, false, QKVX_FLOAT32>(t, m, b, nv, sc, vrow, D);
       }
     }
   }

@@ -10,6 +10,7 @@ namespace {
 
 struct Neon {
   static constexpr int W = 4;
+  using Blk = Neon;
   using V = float32x4_t;
   static V zero() { return vdupq_n_f32(0.0f); }
   static V load(const float* p) { return vld1q_f32(p); }
@@ -26,6 +27,7 @@ struct Neon {
   static V sub(V a, V b) { return vsubq_f32(a, b); }
   static V mul(V a, V b) { return vmulq_f32(a, b); }
   static V fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
+  static V fnma(V a, V b, V c) { return vfmsq_f32(c, a, b); }
   static void to_float(const uint16_t* h, float* dst, int64_t n) {
     for (int64_t i = 0; i < n; i += 4) {
       vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));

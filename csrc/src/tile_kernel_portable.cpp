@@ -10,6 +10,7 @@ namespace {
 
 struct Scalar {
   static constexpr int W = 1;
+  using Blk = Scalar;
   using V = float;
   static V zero() { return 0.0f; }
   static V load(const float* p) { return *p; }
@@ -21,6 +22,7 @@ struct Scalar {
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return a * b + c; }  // no libm fma: slow without FMA hardware
+  static V fnma(V a, V b, V c) { return c - a * b; }
   static void to_float(const uint16_t* h, float* dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(h[i]);
   }

@@ -24,6 +24,7 @@ struct Data {
   std::vector<float> q, cos, sin;
   ref::Cache k, v;
   std::vector<float> rope_buf_cos, rope_buf_sin;  // P rows + NaN rows after
+  int64_t table_width = 0;  // columns of cos / sin: 0 = the half tables (D/2)
 };
 
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -58,15 +59,14 @@ Data make(const Case& c) {
   fill_cache(d.k, c, rng);
   if (!c.shared) fill_cache(d.v, c, rng);
   const int64_t P = c.start_pos + c.T;
-  d.cos.assign((P + 3) * c.D, kNaN);
-  d.sin.assign((P + 3) * c.D, kNaN);
+  const int64_t h = c.D / 2;  // half tables [P][D/2]
+  d.cos.assign((P + 3) * h, kNaN);
+  d.sin.assign((P + 3) * h, kNaN);
   for (int64_t p = 0; p < P; ++p) {
-    for (int64_t i = 0; i < c.D / 2; ++i) {
+    for (int64_t i = 0; i < h; ++i) {
       const double a = p * std::pow(10000.0, -2.0 * i / c.D);
-      for (int64_t half : {int64_t(0), c.D / 2}) {
-        d.cos[p * c.D + i + half] = static_cast<float>(std::cos(a));
-        d.sin[p * c.D + i + half] = static_cast<float>(std::sin(a));
-      }
+      d.cos[p * h + i] = static_cast<float>(std::cos(a));
+      d.sin[p * h + i] = static_cast<float>(std::sin(a));
     }
   }
   return d;
@@ -88,8 +88,9 @@ std::vector<float> run(const Case& c, const Data& d) {
   qkvx_tensor ks = view(d.k.scale.data(), QKVX_FLOAT32, ss);
   qkvx_tensor vs = view(d.v.scale.data(), QKVX_FLOAT32, ss);
   const int64_t P = c.start_pos + c.T;
-  qkvx_tensor rc = view(d.cos.data(), QKVX_FLOAT32, {P, c.D});
-  qkvx_tensor rs = view(d.sin.data(), QKVX_FLOAT32, {P, c.D});
+  const int64_t tw = d.table_width ? d.table_width : c.D / 2;
+  qkvx_tensor rc = view(d.cos.data(), QKVX_FLOAT32, {P, tw});
+  qkvx_tensor rs = view(d.sin.data(), QKVX_FLOAT32, {P, tw});
   qkvx_tensor o = view(out.data(), QKVX_FLOAT32, {1, c.T, c.H, c.D});
   const bool i8 = c.dtype == QKVX_INT8;
   const int rc_ = qkvx_attend(&q, &k, c.shared ? nullptr : &v, i8 ? &ks : nullptr,
@@ -114,27 +115,48 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<double>& b) {
 
 const char* dname(int d) { return d == QKVX_FLOAT32 ? "fp32" : d == QKVX_FLOAT16 ? "fp16" : "int8"; }
 
-// One case on the portable path and the SIMD path, each against the reference, and each other.
+// One case on every path this CPU has (portable, avx2, avx512 / neon), each against the reference
+// and against the portable path.
 void check_case(const Case& c, const char* what) {
   const Data d = make(c);
   const std::vector<double> want =
       ref::attend(d.q, c.T, c.H, c.D, d.k, c.shared ? nullptr : &d.v, c.G, c.S,
                   c.rope ? &d.cos : nullptr, c.rope ? &d.sin : nullptr, c.start_pos);
-  const int prev = qkvx_force_portable(1);
-  const std::vector<float> portable = run(c, d);
-  qkvx_force_portable(0);
-  const std::vector<float> simd = run(c, d);
-  qkvx_force_portable(prev);
   const double tol = 2e-5 * (1.0 + c.q_amp);
-  const double ep = max_abs_diff(portable, want), es = max_abs_diff(simd, want);
-  std::vector<double> pd(portable.begin(), portable.end());
-  const double eps = max_abs_diff(simd, pd);
-  CHECK(ep <= tol && es <= tol && eps <= tol,
-        "%s: T=%lld H=%lld G=%lld S=%lld D=%lld start=%lld %s %s%s: |portable-ref| %.3g "
-        "|%s-ref| %.3g |%s-portable| %.3g (tol %.3g)",
-        what, (long long)c.T, (long long)c.H, (long long)c.G, (long long)c.S, (long long)c.D,
-        (long long)c.start_pos, dname(c.dtype), c.shared ? "K=V" : "K,V", c.rope ? " rope" : "",
-        ep, qkvx_simd_path(), es, qkvx_simd_path(), eps, tol);
+  std::vector<double> portable;
+  for (const char* path : {"portable", "avx2", "avx512", "neon"}) {
+    if (qkvx_force_simd_path(path) != QKVX_OK) continue;  // not on this CPU
+    const std::vector<float> got = run(c, d);
+    const double e = max_abs_diff(got, want);
+    if (portable.empty()) portable.assign(got.begin(), got.end());
+    const double ep = max_abs_diff(got, portable);
+    CHECK(e <= tol && ep <= tol,
+          "%s: T=%lld H=%lld G=%lld S=%lld D=%lld start=%lld %s %s%s: |%s-ref| %.3g "
+          "|%s-portable| %.3g (tol %.3g)",
+          what, (long long)c.T, (long long)c.H, (long long)c.G, (long long)c.S, (long long)c.D,
+          (long long)c.start_pos, dname(c.dtype), c.shared ? "K=V" : "K,V", c.rope ? " rope" : "",
+          path, e, path, ep, tol);
+  }
+  qkvx_force_simd_path(nullptr);
+}
+
+// HF's full [P, D] tables (each row's halves repeated) give exactly the half tables' output.
+void check_full_tables(const Case& c) {
+  const Data d = make(c);
+  Data full = d;
+  const int64_t h = c.D / 2, P = c.start_pos + c.T;
+  full.table_width = c.D;
+  full.cos.assign(P * c.D, 0.0f);
+  full.sin.assign(P * c.D, 0.0f);
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t i = 0; i < c.D; ++i) {
+      full.cos[p * c.D + i] = d.cos[p * h + i % h];
+      full.sin[p * c.D + i] = d.sin[p * h + i % h];
+    }
+  }
+  const std::vector<float> a = run(c, d), b = run(c, full);
+  CHECK(!a.empty() && a == b, "HF full rope tables [P, D] give the half tables' output (D=%lld)",
+        (long long)c.D);
 }
 
 }  // namespace
@@ -164,6 +186,8 @@ void run_attend_tests() {
       check_case({9, 8, 1, 40, 16, 31, dt, false, rope, 2.0f, seed++}, "prefill");
     }
   }
+  check_full_tables({1, 4, 4, 97, 64, 96, QKVX_FLOAT32, true, true, 2.0f, seed++});
+  check_full_tables({3, 4, 2, 40, 32, 20, QKVX_INT8, true, true, 2.0f, seed++});
   // Peaked softmax (large scores): the running max moves and rescales.
   check_case({1, 4, 4, 300, 64, 299, QKVX_FLOAT32, true, false, 12.0f, seed++}, "peaked");
   check_case({3, 4, 2, 300, 64, 200, QKVX_INT8, true, true, 40.0f, seed++}, "peaked");
@@ -196,7 +220,13 @@ void run_attend_tests() {
 }  // namespace tu
 
 int main() {
-  std::printf("qkvx kernels: simd path %s, %d pool threads\n", qkvx_simd_path(), qkvx_num_threads());
+  std::printf("qkvx kernels: simd path %s, %d pool threads; paths compared:", qkvx_simd_path(),
+              qkvx_num_threads());
+  for (const char* path : {"portable", "avx2", "avx512", "neon"}) {
+    if (qkvx_force_simd_path(path) == QKVX_OK) std::printf(" %s", path);
+  }
+  qkvx_force_simd_path(nullptr);
+  std::printf("\n");
   tu::run_attend_tests();
   tu::run_update_tests();
   tu::run_error_tests();

@@ -37,7 +37,8 @@ std::vector<double> attend(const std::vector<float>& q, int64_t T, int64_t H, in
           if (cos != nullptr) {
             const int64_t half = D / 2;
             const double partner = d < half ? -k.at(g, s, d + half, S, D) : k.at(g, s, d - half, S, D);
-            key = key * (*cos)[s * D + d] + partner * (*sin)[s * D + d];
+            const int64_t i = s * half + d % half;  // half tables [P][D/2]
+            key = key * (*cos)[i] + partner * (*sin)[i];
           }
           dot += static_cast<double>(q[(t * H + h) * D + d]) * key;
         }

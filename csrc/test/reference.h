@@ -20,7 +20,7 @@ struct Cache {
 };
 
 // out [T][H][D] = causal softmax(q k^T / sqrt(D)) v with query t at position start_pos + t,
-// key rows rotated by position (HF rotate_half) when cos/sin [P][D] are given, v = k's stored
+// key rows rotated by position (HF rotate_half) when half tables cos/sin [P][D/2] are given, v = k's stored
 // rows when v is null.
 std::vector<double> attend(const std::vector<float>& q, int64_t T, int64_t H, int64_t D,
                            const Cache& k, const Cache* v, int64_t G, int64_t S,

@@ -90,7 +90,7 @@ void run_error_tests() {
   qkvx_tensor k8v = view(k8.data(), QKVX_INT8, {1, G, S, D});
   qkvx_tensor sv = view(sc.data(), QKVX_FLOAT32, {1, G, S, 1});
   qkvx_tensor ov = view(out.data(), QKVX_FLOAT32, {1, 2, H, D});
-  qkvx_tensor rv = view(rope.data(), QKVX_FLOAT32, {S, D});
+  qkvx_tensor rv = view(rope.data(), QKVX_FLOAT32, {S, D / 2});
   auto expect_error = [](int rc, const char* what) {
     CHECK(rc == QKVX_INVALID_ARGUMENT && std::strlen(qkvx_last_error()) > 10 &&
               std::strchr(qkvx_last_error(), '\n') == nullptr,
@@ -123,12 +123,17 @@ void run_error_tests() {
   other = view(sc.data(), QKVX_FLOAT32, {1, G, S, 2});
   expect_error(qkvx_attend(&qv, &k8v, nullptr, &other, nullptr, nullptr, nullptr, 0, &ov), "scale shape");
   expect_error(qkvx_attend(&qv, &kv, nullptr, nullptr, nullptr, &rv, nullptr, 0, &ov), "cos only");
-  qkvx_tensor short_rope = view(rope.data(), QKVX_FLOAT32, {4, D});
+  qkvx_tensor short_rope = view(rope.data(), QKVX_FLOAT32, {4, D / 2});
   expect_error(qkvx_attend(&qv, &kv, nullptr, nullptr, nullptr, &short_rope, &short_rope, 3, &ov), "rope short");
-  other = view(rope.data(), QKVX_FLOAT32, {S, D - 1});
+  other = view(rope.data(), QKVX_FLOAT32, {S, D / 2 + 1});
   expect_error(qkvx_attend(&qv, &kv, nullptr, nullptr, nullptr, &other, &other, 0, &ov), "rope width");
+  qkvx_tensor wide = view(rope.data(), QKVX_FLOAT32, {S / 2, D});
+  expect_error(qkvx_attend(&qv, &kv, nullptr, nullptr, nullptr, &rv, &wide, 0, &ov), "cos / sin widths");
   other = view(out.data(), QKVX_FLOAT32, {1, 1, H, D});
   expect_error(qkvx_attend(&qv, &kv, nullptr, nullptr, nullptr, nullptr, nullptr, 0, &other), "out shape");
+  expect_error(qkvx_force_simd_path("sse9"), "unknown simd path");
+  CHECK(std::strcmp(qkvx_simd_path(), "portable") != 0 || qkvx_force_simd_path("avx2") != QKVX_OK,
+        "an unknown path name leaves the runtime choice");
   CHECK(qkvx_attend(&qv, &kv, nullptr, nullptr, nullptr, &rv, &rv, 14, &ov) == QKVX_OK,
         "valid rope call at the last position: %s", qkvx_last_error());
 

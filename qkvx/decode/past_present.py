@@ -127,10 +127,7 @@ class RotaryPastPresent(PastPresent):
         if v_all is None:
             v_all = k_all
             if rope is not None:
-                half = k.shape[-1] // 2
-                k_all = rotary_rows(
-                    k_all.transpose(1, 2), key_positions, rope.cos[:, :half], rope.sin[:, :half]
-                ).transpose(1, 2)
+                k_all = rotary_rows(k_all.transpose(1, 2), key_positions, rope.cos, rope.sin).transpose(1, 2)
         return self.attend(q, k_all, v_all)
 
 
@@ -144,7 +141,7 @@ class CachedPastPresent(PastPresent):
         B, T, H, D = q.shape
         query = q.reshape(B, T, H * D)
         if v is None:
-            tables = (rope.cos[:, : D // 2], rope.sin[:, : D // 2]) if rope is not None else (None, None)
+            tables = (rope.cos, rope.sin) if rope is not None else (None, None)
             out, present = cached_attention_kv(
                 query, self.past[0], k, self.attention_mask, *tables, H, D**-0.5
             )

@@ -16,7 +16,7 @@ Ops (caches are [1, G, S, D]: kv heads before tokens):
   update_cache_int8(value, cache(a!) int8, scale(b!) fp32 [1,G,S,1], start_pos) -> placeholder
       symmetric per (token, kv head), exactly qkvx.quant.kv.quantize_int8
   attend(q fp32 [1,T,H,D], k_cache, v_cache?, k_scale?, v_scale?, rope_cos?, rope_sin?, start_pos)
-      -> fp32 [1,T,H,D]; v_cache None = K=V; RoPE tables [P, D] rotate keys while reading.
+      -> fp32 [1,T,H,D]; v_cache None = K=V; RoPE half tables [P, D/2] rotate keys while reading.
 """
 
 from __future__ import annotations
@@ -68,5 +68,5 @@ def num_threads() -> int:
 
 
 def simd_path() -> str:
-    """ "avx2", "neon" or "portable": the attention path this CPU takes (for D % 8 == 0)."""
+    """ "avx512", "avx2", "neon" or "portable": the attention path this CPU takes (for D % 16 == 0)."""
     return _clib.qkvx_simd_path().decode()

@@ -36,7 +36,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.qkvx_last_error.restype = ctypes.c_char_p
     lib.qkvx_set_num_threads.argtypes = [ctypes.c_int]
     lib.qkvx_simd_path.restype = ctypes.c_char_p
-    lib.qkvx_force_portable.argtypes = [ctypes.c_int]
+    lib.qkvx_force_simd_path.argtypes = [ctypes.c_char_p]
     lib.qkvx_set_chunk_rows.argtypes = [ctypes.c_int64]
     lib.qkvx_set_chunk_rows.restype = ctypes.c_int64
     return lib

@@ -23,23 +23,25 @@ from qkvx.spec import ModelSpec
 
 
 class Rope(nn.Module):
-    """Rotary position embedding, HF Llama convention (rotate_half over two halves of head_dim)."""
+    """Rotary position embedding, HF Llama convention (rotate_half over two halves of head_dim).
+    Holds the half tables cos/sin [P, D/2]: HF's full tables repeat them over both halves, and
+    the kernels and ONNX graphs read the halves."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [B, T, heads, D]; positions [B, T] or [T] (int64)."""
-        cos = self.cos[positions].unsqueeze(-2)  # [B, T, 1, D] or [T, 1, D]
+        """x [B, T, heads, D]; positions [B, T] or [T] (int64). The same products and sums as HF's
+        x * cos + rotate_half(x) * sin."""
+        cos = self.cos[positions].unsqueeze(-2)  # [B, T, 1, D/2] or [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(-2)
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class CacheStrategy(Protocol):

@@ -32,8 +32,9 @@ def reference_attend(q, k_cache, v_cache=None, k_scale=None, v_scale=None, cos=N
         if v_scale is not None:
             v = v * v_scale[0, :, :n].double()
     if cos is not None:
-        half = D // 2
-        k = k * cos[:n].double() + torch.cat([-k[..., half:], k[..., :half]], -1) * sin[:n].double()
+        half = D // 2  # half tables [P, D/2], repeated over both halves as HF's full tables
+        c, s = cos[:n].double().repeat(1, 2), sin[:n].double().repeat(1, 2)
+        k = k * c + torch.cat([-k[..., half:], k[..., :half]], -1) * s
     k, v = k.repeat_interleave(H // G, 0), v.repeat_interleave(H // G, 0)  # [H, n, D]
     scores = torch.einsum("thd,hsd->ths", q[0].double(), k) / D**0.5
     pos = torch.arange(n)

@@ -20,6 +20,11 @@ def test_cpp_unit_tests_on_host(kernels):
     passed, failed = summary(run.stdout)
     assert run.returncode == 0 and failed == 0 and passed > 150, run.stdout[-3000:]
     assert f"simd path {kernels.simd_path()}" in run.stdout
+    # every path this CPU has is compared with the reference, not only the one it picks
+    compared = run.stdout.split("paths compared:")[1].split("\n")[0].split()
+    assert compared[0] == "portable" and kernels.simd_path() in compared, run.stdout[:300]
+    if kernels.simd_path() == "avx512":
+        assert "avx2" in compared
 
 
 @pytest.mark.slow

@@ -49,8 +49,9 @@ QKVX_API int qkvx_update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache
 /* Causal attention of q fp32 [1, T, H, D] (query t at absolute position start_pos + t) over rows
  * 0 .. start_pos+T-1 of k_cache [1, G, S, D] (fp32 | fp16 | int8). v_cache NULL: K=V, the same
  * rows are the values; else same shape and dtype as k_cache. k_scale / v_scale [1, G, S, 1] fp32
- * iff int8 (K=V: k_scale only). rope_cos / rope_sin [P, D] fp32 (P >= start_pos + T) or both NULL:
- * key row s is rotated with position s while read (HF rotate_half); values are used as stored.
+ * iff int8 (K=V: k_scale only). rope_cos / rope_sin [P, D/2] fp32 (P >= start_pos + T) or both
+ * NULL: key row s is rotated with position s while read (HF rotate_half); values are used as
+ * stored. HF's full [P, D] tables (which repeat the halves) are taken too: their first D/2 columns.
  * Query head h reads kv head h / (H / G); scale 1/sqrt(D). out fp32 [1, T, H, D]. */
 QKVX_API int qkvx_attend(const qkvx_tensor* q, const qkvx_tensor* k_cache, const qkvx_tensor* v_cache,
                 const qkvx_tensor* k_scale, const qkvx_tensor* v_scale,
@@ -67,11 +68,13 @@ QKVX_API const char* qkvx_last_error(void);
 QKVX_API int qkvx_set_num_threads(int n);
 QKVX_API int qkvx_num_threads(void);
 
-/* Which vectorized path the attention takes on this CPU: "avx2", "neon" or "portable". */
+/* Which vectorized path the attention takes on this CPU: "avx512", "avx2", "neon" or "portable"
+ * (head sizes a path cannot split into whole vectors fall back to the next one). */
 QKVX_API const char* qkvx_simd_path(void);
 
-/* Testing: 1 forces the portable path, 0 restores the runtime choice. Returns the previous value. */
-QKVX_API int qkvx_force_portable(int on);
+/* Testing: take at most the named path ("portable", "avx2", "avx512", "neon"); NULL or "" restores
+ * the runtime choice. An unknown name, or a path this CPU lacks, is an error (the choice stays). */
+QKVX_API int qkvx_force_simd_path(const char* name);
 
 /* Testing: rows per sequence chunk when the work is split (0 = automatic). Lets a test put
  * chunk boundaries anywhere. Returns the previous value. */
