@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <new>
@@ -60,12 +61,13 @@ bool usable(int path) {
   }
 }
 
-// The best usable path at or below the forced one (the best of all when not forced).
+// The forced path (force_simd_path admits only usable ones), else the best usable one. A head
+// size the path cannot split falls back to the next path down (choose_kernel).
 int best_path() {
   const int forced = g_forced_path.load();
-  static const int order[] = {kAvx512, kNeon, kAvx2};
-  for (int p : order) {
-    if ((forced == kAuto || forced == p || (forced == kAvx512 && p == kAvx2)) && usable(p)) return p;
+  if (forced != kAuto) return forced;
+  for (int p : {kAvx512, kNeon, kAvx2}) {
+    if (usable(p)) return p;
   }
   return kPortable;
 }
