@@ -12,8 +12,9 @@ every cell fits in the time, vocab 256, random weights, fp32 weights. Each artif
 once, then measured `rounds` times, each in a fresh process (qkvx.bench.longctx_worker), the
 artifacts interleaved round by round, and the median over rounds reported. Each round also
 measures a single-thread streaming read (numpy sum over 1 GiB, in its own fresh process), the
-bound the GB/s figures are compared with, and two processes reading at once (what a second core
-adds to the memory bandwidth: the bound of a memory-bound step's 2-thread speedup). Every cache
+bound the GB/s figures are compared with, and a vectorized read (torch.sum) on 1 and on 2 threads
+(what a second core adds to the memory bandwidth: the bound of a memory-bound step's 2-thread
+speedup). Every cache
 position a step reads holds real values (longctx_worker).
 """
 
@@ -151,7 +152,7 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
         result.setdefault("load", []).append(os.getloadavg()[0])
         stream = _worker({"format": "stream"})
         result["stream_gbs"].append(stream["stream_gbs"])
-        result.setdefault("stream2_gbs", []).append(stream["stream2_gbs"])
+        result.setdefault("read_gbs", []).append(stream["read_gbs"])
         for i, cfg in enumerate(cfgs):
             profile = cfg.format == "pte" and r == 0  # ETDump once: shares vary less than times
             res = measure(cfg, cfg.path(out), contexts, threads, steps, profile)

@@ -29,6 +29,22 @@ def speedup(result: dict, key: str, threads: int, context: int) -> float:
     return statistics.median(r["ms"]["1"][c] / r["ms"][str(threads)][c] for r in result["runs"][key])
 
 
+def thread_bound(result: dict, key: str, context: int) -> float | None:
+    """Median over rounds of the 2-thread speedup memory allows this step: the bytes it reads
+    (bytes_read) over the round's 2-thread read bandwidth, against its own 1-thread time; at most
+    2. None without the 2-thread read (results written before it was measured)."""
+    reads = result.get("read_gbs")
+    if not reads or "2" not in result["runs"][key][0]["ms"]:
+        return None
+    _, family, variant, kind = key.split("/")
+    total = sum(bytes_read(family, variant, kind, context))
+    c = str(context)
+    return statistics.median(
+        min(2.0, rd["2"] * 1e6 / (total / r["ms"]["1"][c]))
+        for rd, r in zip(reads, result["runs"][key], strict=False)
+    )
+
+
 def _rows(result: dict, fmt: str) -> list[tuple[str, str, str]]:
     return [tuple(k.split("/")[1:]) for k in result["runs"] if k.startswith(fmt + "/")]
 
@@ -87,8 +103,12 @@ def step_table(result: dict, context: int) -> list[str]:
     for family, variant, kind in rows:
         key = _key("pte", family, variant, kind)
         ms = {t: median_ms(result, key, t, context) for t in threads}
+        bound = thread_bound(result, key, context)
         cells = [f"{ms[threads[0]]:.1f}"] + [
-            f"{ms[t]:.1f} ({speedup(result, key, t, context):.2f}x)" for t in threads[1:]
+            f"{ms[t]:.1f} ({speedup(result, key, t, context):.2f}x"
+            + (f" of <= {bound:.2f}x" if t == 2 and bound else "")
+            + ")"
+            for t in threads[1:]
         ]
         cache_b, weight_b = bytes_read(family, variant, kind, context)
         prof = _profile(result, key, context)
@@ -153,10 +173,8 @@ def goals(result: dict) -> list[str]:
             row(f"{fam} Q-K=V: int8 cache faster than fp32 at {at}", f"{a:.1f} vs {b:.1f} ms", a < b)
         if 2 in result["threads"]:
             x = speedup(result, kv, 2, at)
-            bound = ""
-            if result.get("stream2_gbs"):  # memory's own 2-reader speedup, the bound of a memory-bound step
-                two = statistics.median(result["stream2_gbs"]) / stream
-                bound = f" (memory: two readers {two:.2f}x one)"
+            bound = thread_bound(result, kv, at)
+            bound = f" (memory allows <= {bound:.2f}x: its bytes at the 2-thread read)" if bound else ""
             goal = f"{fam} Q-K=V: 2 threads >= {GOAL_THREADS}x 1 thread at {at}"
             row(goal, f"{x:.2f}x{bound}", x >= GOAL_THREADS)
         worst = []
@@ -182,11 +200,12 @@ def to_markdown(result: dict) -> str:
         f"{statistics.median(stream):.1f} GB/s (min {min(stream):.1f}, max {max(stream):.1f}); "
         f"{n} rounds, medians.",
     ]
-    if result.get("stream2_gbs"):
-        two = result["stream2_gbs"]
+    if result.get("read_gbs"):
+        one, two = ([r[n] for r in result["read_gbs"]] for n in ("1", "2"))
+        per = ", ".join(f"{b / a:.2f}x" for a, b in zip(one, two, strict=True))
         lines[-1] += (
-            f" Two processes reading at once: median {statistics.median(two):.1f} GB/s together"
-            f" (min {min(two):.1f}, max {max(two):.1f})."
+            f" Vectorized read (torch.sum over 1 GiB): median {statistics.median(one):.1f} GB/s on 1 thread,"
+            f" {statistics.median(two):.1f} on 2 (2 / 1 per round: {per})."
         )
     if result.get("load"):  # other work on the machine: the times and ratios are only as quiet as it
         loads = ", ".join(f"{x:.1f}" for x in result["load"])
