@@ -21,6 +21,24 @@ namespace {
 
 constexpr int kBlock = 8;  // rows fetched together: their scores share one exp and max
 
+// Bytes of one element of a cache dtype.
+template <int DT>
+constexpr int64_t kElemBytes = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+
+// Row j of a block of 8: a pointer per row (tail blocks, whose padding rows repeat a real one, and
+// rows converted into scratch), or consecutive rows of a head plane read in place, base + j * Bytes
+// with Bytes known at compile time. The second keeps three base pointers (keys, cos, sin) where
+// 24 row pointers would not fit the general-purpose registers and spill in the inner loop.
+struct PtrRows {
+  const void* const* p;
+  const void* operator[](int j) const { return p[j]; }
+};
+template <int64_t Bytes>
+struct StrideRows {
+  const char* base;
+  const void* operator[](int j) const { return base + j * Bytes; }
+};
+
 // Cache rows are prefetched this many bytes ahead of the block being read: the compute between
 // loads keeps too few misses in flight for the memory latency, and a tile can be a short stream
 // (with RoPE, a few thousand rows of one head before the next head's) for the hardware prefetcher
@@ -31,7 +49,7 @@ constexpr int64_t kPrefetchBytes = 10 * 1024;
 // calls once it is inlined into this kernel.
 template <class Vt, int DT>
 inline void prefetch_rows(const void* base, int64_t r0, int64_t r1, int64_t D) {
-  const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  const int64_t es = kElemBytes<DT>;
   const char* p = static_cast<const char*>(base);
   for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) Vt::prefetch(p + off);
 }
@@ -75,8 +93,8 @@ inline typename Vt::V ld(const void* row, int64_t d) {
 }
 
 // out[j] = q . k[j] for the 8 rows of a block (padding rows point at a real row); rows of KT.
-template <class Vt, int KT>
-inline void dot_block(const float* q, const void* const* k, int64_t D, float* out) {
+template <class Vt, int KT, class Rows>
+inline void dot_block(const float* q, const Rows& k, int64_t D, float* out) {
   typename Vt::V acc[kBlock];
   for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
   for (int64_t d = 0; d < D; d += Vt::W) {
@@ -89,9 +107,9 @@ inline void dot_block(const float* q, const void* const* k, int64_t D, float* ou
 // out[j] = q . rope(k[j]) for the 8 rows of a block, each row rotated in registers as it is read
 // (no rotated copy is stored): q1 . (x1 c - x2 s) + q2 . (x2 c + x1 s) over the halves, with the
 // half tables c[j], s[j] [D/2] of row j's position. Rows of KT.
-template <class Vt, int KT>
-inline void dot_block_rope(const float* q, const void* const* k, const float* const* c,
-                           const float* const* s, int64_t D, float* out) {
+template <class Vt, int KT, class Rows, class TableRows>
+inline void dot_block_rope(const float* q, const Rows& k, const TableRows& c, const TableRows& s,
+                           int64_t D, float* out) {
   const int64_t h = D / 2;
   typename Vt::V acc[kBlock];
   for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
@@ -99,7 +117,8 @@ inline void dot_block_rope(const float* q, const void* const* k, const float* co
     const auto q1 = Vt::load(q + i), q2 = Vt::load(q + h + i);
     for (int j = 0; j < kBlock; ++j) {
       const auto x1 = ld<Vt, KT>(k[j], i), x2 = ld<Vt, KT>(k[j], h + i);
-      const auto cv = Vt::load(c[j] + i), sv = Vt::load(s[j] + i);
+      const auto cv = Vt::load(static_cast<const float*>(c[j]) + i);
+      const auto sv = Vt::load(static_cast<const float*>(s[j]) + i);
       acc[j] = Vt::fma(q1, Vt::fnma(x2, sv, Vt::mul(x1, cv)), acc[j]);
       acc[j] = Vt::fma(q2, Vt::fma(x1, sv, Vt::mul(x2, cv)), acc[j]);
     }
@@ -123,8 +142,8 @@ inline float exp_block(const float* sc, int n, float mx, float* w) {
 
 // acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns, rows of VT; NV = kBlock
 // for a full block (unrolled, weights broadcast once), 0 for a partial one (nv rows).
-template <class Vt, int NV, int VT>
-inline void accumulate(float* acc, int64_t D, const float* w, const void* const* v, int nv,
+template <class Vt, int NV, int VT, class Rows>
+inline void accumulate(float* acc, int64_t D, const float* w, const Rows& v, int nv,
                        bool rescale, float alpha) {
   const auto a = Vt::set1(alpha);
   if (NV == kBlock) {
@@ -151,9 +170,9 @@ inline void accumulate(float* acc, int64_t D, const float* w, const void* const*
 // Folds one block's scores sc (n rows; n == kBlock is the common, fully unrolled case) into query
 // row m's running (max, sum, acc). Value rows are of type VT: the cache dtype read directly, or
 // fp32 rows converted once for several query rows.
-template <class Vt, int DT, bool Full, int VT>
-inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc,
-                       const void* const* vrow, int64_t D) {
+template <class Vt, int DT, bool Full, int VT, class Rows>
+inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, const Rows& vrow,
+                       int64_t D) {
   using Bt = typename Vt::Blk;
   const int n = Full ? kBlock : nv;
   float bmax;
@@ -194,6 +213,36 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc,
   accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
 }
 
+// A full block of one query row (decode without GQA) read in place: rows b .. b+7 of the tile,
+// keys rotated in registers with RoPE; the row addresses are constant offsets from three bases.
+template <class Vt, int DT, int D>
+inline void direct_block(const Tile& t, int64_t b) {
+  constexpr int64_t rb = D * kElemBytes<DT>;
+  const int64_t visible = t.limit[0] - (t.row0 + b) + 1;  // causal: rows up to limit[0]
+  if (visible <= 0) return;
+  const StrideRows<rb> k{static_cast<const char*>(t.k) + b * rb};
+  const StrideRows<rb> v{static_cast<const char*>(t.v) + b * rb};
+  alignas(32) float sc[kBlock];
+  if (t.cos == nullptr) {
+    dot_block<Vt, DT>(t.q, k, D, sc);
+  } else if (t.table_stride == D / 2) {  // half tables [P, D/2]
+    using Tr = StrideRows<D / 2 * 4>;
+    const int64_t off = b * (D / 2) * 4;
+    dot_block_rope<Vt, DT>(t.q, k, Tr{reinterpret_cast<const char*>(t.cos) + off},
+                           Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
+  } else {  // HF's [P, D] tables: the first half of each row
+    using Tr = StrideRows<D * 4>;
+    const int64_t off = b * D * 4;
+    dot_block_rope<Vt, DT>(t.q, k, Tr{reinterpret_cast<const char*>(t.cos) + off},
+                           Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
+  }
+  if (visible >= kBlock) {
+    fold_block<Vt, DT, true, DT>(t, 0, b, kBlock, sc, v, D);
+  } else {
+    fold_block<Vt, DT, false, DT>(t, 0, b, static_cast<int>(visible), sc, v, D);
+  }
+}
+
 // DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every
 // row-length loop unrolled.
 template <class Vt, int DT, int DC>
@@ -208,7 +257,7 @@ void tile_loop(const Tile& t) {
     prefetch_rows<Vt, DT>(t.k, r0, r1, D);
     if (!shared) prefetch_rows<Vt, DT>(t.v, r0, r1, D);
   };
-  const int64_t es = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
+  const int64_t es = kElemBytes<DT>;
   // One query row (decode without GQA) reads every row in the cache dtype as it goes, rotating
   // keys in registers; several query rows share rows converted (and rotated) to fp32 once.
   const bool direct = t.M == 1;
@@ -217,11 +266,15 @@ void tile_loop(const Tile& t) {
   for (int64_t b = 0; b < t.rows; b += kBlock) {
     prefetch(b + ahead, b + ahead + kBlock);
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
+    if (DC != 0 && direct && nb == kBlock) {
+      direct_block<Vt, DT, DC>(t, b);
+      continue;
+    }
     const int64_t s0 = t.row0 + b;  // cache position of the block's first row
     const void* krow[kBlock];
     const void* vrow[kBlock];
-    const float* crow[kBlock];
-    const float* srow[kBlock];
+    const void* crow[kBlock];  // RoPE table rows (const float*)
+    const void* srow[kBlock];
     // The only read of these cache rows: each serves every query row's score and value.
     for (int j = 0; j < nb; ++j) {
       const int64_t r = b + j;
@@ -235,7 +288,8 @@ void tile_loop(const Tile& t) {
       float* vslot = vbuf + j * D;
       const float* kraw = fetch_row<Vt, DT>(t.k, r, D, shared && rope ? vslot : kslot);
       if (rope) {
-        rotate_row<Vt>(kraw, crow[j], srow[j], kslot, D);
+        rotate_row<Vt>(kraw, static_cast<const float*>(crow[j]), static_cast<const float*>(srow[j]), kslot,
+                       D);
         krow[j] = kslot;
       } else {
         krow[j] = kraw;
@@ -251,21 +305,22 @@ void tile_loop(const Tile& t) {
       if (visible <= 0) continue;
       const int nv = visible < nb ? static_cast<int>(visible) : nb;
       alignas(32) float sc[kBlock];
+      const PtrRows kr{krow}, vr{vrow}, cr{crow}, sr{srow};
       if (direct && rope) {
-        dot_block_rope<Vt, DT>(t.q + m * D, krow, crow, srow, D, sc);
+        dot_block_rope<Vt, DT>(t.q + m * D, kr, cr, sr, D, sc);
       } else if (direct) {
-        dot_block<Vt, DT>(t.q + m * D, krow, D, sc);
+        dot_block<Vt, DT>(t.q + m * D, kr, D, sc);
       } else {
-        dot_block<Vt, QKVX_FLOAT32>(t.q + m * D, krow, D, sc);
+        dot_block<Vt, QKVX_FLOAT32>(t.q + m * D, kr, D, sc);
       }
       if (direct && nv == kBlock) {
-        fold_block<Vt, DT, true, DT>(t, m, b, nv, sc, vrow, D);
+        fold_block<Vt, DT, true, DT>(t, m, b, nv, sc, vr, D);
       } else if (direct) {
-        fold_block<Vt, DT, false, DT>(t, m, b, nv, sc, vrow, D);
+        fold_block<Vt, DT, false, DT>(t, m, b, nv, sc, vr, D);
       } else if (nv == kBlock) {
-        fold_block<Vt, DT, true, QKVX_FLOAT32>(t, m, b, nv, sc, vrow, D);
+        fold_block<Vt, DT, true, QKVX_FLOAT32>(t, m, b, nv, sc, vr, D);
       } else {
-        fold_block<Vt, DT, false, QKVX_FLOAT32>(t, m, b, nv, sc, vrow, D);
+        fold_block<Vt, DT, false, QKVX_FLOAT32>(t, m, b, nv, sc, vr, D);
       }
     }
   }
