@@ -14,8 +14,10 @@ artifacts interleaved round by round, and the median over rounds reported. Each 
 measures a single-thread streaming read (numpy sum over 1 GiB, in its own fresh process), the
 bound the GB/s figures are compared with, and a vectorized read (torch.sum) on 1 and on 2 threads
 (what a second core adds to the memory bandwidth: the bound of a memory-bound step's 2-thread
-speedup). Every cache
-position a step reads holds real values (longctx_worker).
+speedup). Each round also times the fp32 QKV and Q-K=V .pte of a family in ONE process with their
+steps alternated (the paired ratio the QKV / Q-K=V goal is judged on: on this noisy VM separate
+processes minutes apart move a ratio by up to 1.2x). Every cache position a step reads holds real
+values (longctx_worker).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ VARIANTS = ("QKV", "Q-K=V", "Q-MQA")
 CONTEXTS = (1024, 4096, 16384, 32768)
 PTE_CACHES = ("qkvx-fp32", "qkvx-fp16", "qkvx-int8", "llama-fp32", "llama-int8")  # kernels-cache dtype
 ONNX_ATTENTION = ("plain", "mha", "rotary", "custom")
+PAIR_KIND, PAIR_STEPS = "qkvx-fp32", 24  # the paired QKV / Q-K=V measurement
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,34 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
                 + " ".join(f"{c}={v:.1f}" for c, v in one.items()),
                 flush=True,
             )
+        for family, (qkv, kv) in paired_configs(cfgs).items():
+            res = _worker(
+                {
+                    "format": "pair",
+                    "paths": [str(qkv.path(out)), str(kv.path(out))],
+                    "contexts": list(contexts),
+                    "steps": PAIR_STEPS,
+                },
+                f"{family} pair",
+            )
+            result.setdefault("pairs", {}).setdefault(family, []).append(res)
+            print(
+                f"round {r + 1}/{rounds} {family} QKV / Q-K=V paired: "
+                + " ".join(f"{c}={v:.2f}x" for c, v in res["ratio"].items()),
+                flush=True,
+            )
         (out / "longctx.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def paired_configs(cfgs: list[Config]) -> dict[str, tuple[Config, Config]]:
+    """Per family, its fp32-cache qkvx .pte QKV and Q-K=V configs when both are measured."""
+    have = {(c.format, c.family, c.variant, c.kind): c for c in cfgs}
+    return {
+        f: (have[("pte", f, "QKV", PAIR_KIND)], have[("pte", f, "Q-K=V", PAIR_KIND)])
+        for f in FAMILIES
+        if ("pte", f, "QKV", PAIR_KIND) in have and ("pte", f, "Q-K=V", PAIR_KIND) in have
+    }
 
 
 def median_ms(result: dict, key: str, threads: int, context: int) -> float | None:

@@ -150,7 +150,15 @@ def goals(result: dict) -> list[str]:
             continue
         if qkv in runs:
             x = ratio(result, qkv, kv, at)
-            row(f"{fam}: QKV ms / Q-K=V ms at {at} >= {GOAL_RATIO}x", f"{x:.2f}x", x >= GOAL_RATIO)
+            paired = [p["ratio"][str(at)] for p in result.get("pairs", {}).get(fam, [])]
+            goal = f"{fam}: QKV ms / Q-K=V ms at {at} >= {GOAL_RATIO}x"
+            if paired:  # judged on the paired figure: both programs measured at the same moments
+                y = statistics.median(paired)
+                rounds = ", ".join(f"{p:.2f}" for p in paired)
+                got = f"{y:.2f}x paired in one process (rounds {rounds}); separate processes {x:.2f}x"
+                row(goal, got, y >= GOAL_RATIO)
+            else:
+                row(goal, f"{x:.2f}x", x >= GOAL_RATIO)
         cache_b, weight_b = bytes_read(fam, "Q-K=V", "qkvx-fp32", at)
         step = (cache_b + weight_b) / median_ms(result, kv, 1, at) / 1e6
         row(

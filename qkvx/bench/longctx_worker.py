@@ -3,6 +3,7 @@
     python -m qkvx.bench.longctx_worker '{"format": "pte", "path": ..., "contexts": [...],
                                           "threads": [1, 2], "steps": 8, "profile": true}'
     python -m qkvx.bench.longctx_worker '{"format": "stream"}'
+    python -m qkvx.bench.longctx_worker '{"format": "pair", "paths": [A, B], "contexts": [...], "steps": 24}'
 
 Prints one JSON line: {"ms": {threads: {context: median ms/token}}, "profile": {context: parts}}.
 
@@ -96,6 +97,35 @@ def measure(fmt: str, path: Path, contexts: list[int], threads: list[int], steps
     return ms
 
 
+def pair_ratios(paths: list[str], contexts: list[int], steps: int) -> dict:
+    """Two .pte programs A, B loaded in this process (1 thread), their single-token steps
+    alternated (A B, then B A, ...) so both see the same moments of a noisy machine: per context
+    the median of the `steps` paired ratios A ms / B ms, and each one's median ms."""
+    import qkvx.kernels as K
+    from qkvx.harness.runners import open_runner
+
+    if K.set_num_threads(1) != 1:  # before both programs: XNNPACK keeps the pool it was made with
+        raise RuntimeError("ExecuTorch's threadpool refused 1 thread")
+    runners = [open_runner("pte", Path(p)) for p in paths]
+    for r in runners:
+        r.prefill(np.arange(4) % 256)  # first-call allocations, XNNPACK weight packing
+    out: dict = {"ratio": {}, "ms": {}}
+    for c in contexts:
+        for r in runners:
+            r.pos = c - steps - 2
+            for _ in range(2):  # warm-up steps, not timed
+                r.decode(1)
+        times: list[list[float]] = [[], []]
+        for i in range(steps):
+            for j in (0, 1) if i % 2 == 0 else (1, 0):
+                t = time.perf_counter()
+                runners[j].decode(1)
+                times[j].append((time.perf_counter() - t) * 1e3)
+        out["ratio"][str(c)] = statistics.median(a / b for a, b in zip(*times, strict=True))
+        out["ms"][str(c)] = [statistics.median(t) for t in times]
+    return out
+
+
 def stream_gbs() -> float:
     """Single-thread streaming read of a freshly written 1 GiB array, GB/s. In a fresh process:
     an array kept in the parent across rounds was paged out while the workers mapped their
@@ -129,6 +159,9 @@ def main(argv: list[str]) -> int:
     a = json.loads(argv[0])
     if a["format"] == "stream":
         print(json.dumps({"stream_gbs": stream_gbs(), "read_gbs": read_gbs()}))
+        return 0
+    if a["format"] == "pair":
+        print(json.dumps(pair_ratios(a["paths"], a["contexts"], a["steps"])))
         return 0
     path, contexts = Path(a["path"]), a["contexts"]
     out: dict = {"ms": measure(a["format"], path, contexts, a["threads"], a["steps"])}
