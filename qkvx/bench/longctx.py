@@ -14,8 +14,9 @@ artifacts interleaved round by round, and the median over rounds reported. Each 
 measures a single-thread streaming read (numpy sum over 1 GiB, in its own fresh process), the
 bound the GB/s figures are compared with, and a vectorized read (torch.sum) on 1 and on 2 threads
 (what a second core adds to the memory bandwidth: the bound of a memory-bound step's 2-thread
-speedup). Each round also times the fp32 QKV and Q-K=V .pte of a family in ONE process with their
-steps alternated (the paired ratio the QKV / Q-K=V goal is judged on: on this noisy VM separate
+speedup). Each round also times pairs in ONE process with their steps alternated: a family's fp32
+QKV and Q-K=V .pte, and Llama's QKV and Q-K=V ONNX graphs of onnxruntime's built-in ops
+(`rotary`): the paired ratios the QKV / Q-K=V goals are judged on (on this noisy VM separate
 processes minutes apart move a ratio by up to 1.2x). Every cache position a step reads holds real
 values (longctx_worker).
 """
@@ -39,7 +40,8 @@ VARIANTS = ("QKV", "Q-K=V", "Q-MQA")
 CONTEXTS = (1024, 4096, 16384, 32768)
 PTE_CACHES = ("qkvx-fp32", "qkvx-fp16", "qkvx-int8", "llama-fp32", "llama-int8")  # kernels-cache dtype
 ONNX_ATTENTION = ("plain", "mha", "rotary", "custom")
-PAIR_KIND, PAIR_STEPS = "qkvx-fp32", 24  # the paired QKV / Q-K=V measurement
+# The paired QKV / Q-K=V measurements: the .pte kind, onnxruntime's built-in-op RoPE graph, steps.
+PAIR_KIND, ONNX_BUILTIN_PAIR, PAIR_STEPS = "qkvx-fp32", "rotary", 24
 
 
 @dataclass(frozen=True)
@@ -166,19 +168,20 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
                 + " ".join(f"{c}={v:.1f}" for c, v in one.items()),
                 flush=True,
             )
-        for family, (qkv, kv) in paired_configs(cfgs).items():
+        for label, (qkv, kv) in paired_configs(cfgs).items():
             res = _worker(
                 {
                     "format": "pair",
+                    "formats": [qkv.format, kv.format],
                     "paths": [str(qkv.path(out)), str(kv.path(out))],
                     "contexts": list(contexts),
                     "steps": PAIR_STEPS,
                 },
-                f"{family} pair",
+                f"{label} pair",
             )
-            result.setdefault("pairs", {}).setdefault(family, []).append(res)
+            result.setdefault("pairs", {}).setdefault(label, []).append(res)
             print(
-                f"round {r + 1}/{rounds} {family} QKV / Q-K=V paired: "
+                f"round {r + 1}/{rounds} {label} QKV / Q-K=V paired: "
                 + " ".join(f"{c}={v:.2f}x" for c, v in res["ratio"].items()),
                 flush=True,
             )
@@ -187,12 +190,14 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
 
 
 def paired_configs(cfgs: list[Config]) -> dict[str, tuple[Config, Config]]:
-    """Per family, its fp32-cache qkvx .pte QKV and Q-K=V configs when both are measured."""
+    """The (QKV, Q-K=V) pairs to time in one process, by label ("<format>/<family>/<kind>"), of
+    those measured: each family's .pte with PAIR_KIND, Llama's ONNX with ONNX_BUILTIN_PAIR."""
     have = {(c.format, c.family, c.variant, c.kind): c for c in cfgs}
+    wanted = [("pte", f, PAIR_KIND) for f in FAMILIES] + [("onnx", "llama", ONNX_BUILTIN_PAIR)]
     return {
-        f: (have[("pte", f, "QKV", PAIR_KIND)], have[("pte", f, "Q-K=V", PAIR_KIND)])
-        for f in FAMILIES
-        if ("pte", f, "QKV", PAIR_KIND) in have and ("pte", f, "Q-K=V", PAIR_KIND) in have
+        f"{fmt}/{fam}/{kind}": (have[(fmt, fam, "QKV", kind)], have[(fmt, fam, "Q-K=V", kind)])
+        for fmt, fam, kind in wanted
+        if (fmt, fam, "QKV", kind) in have and (fmt, fam, "Q-K=V", kind) in have
     }
 
 

@@ -3,7 +3,8 @@
     python -m qkvx.bench.longctx_worker '{"format": "pte", "path": ..., "contexts": [...],
                                           "threads": [1, 2], "steps": 8, "profile": true}'
     python -m qkvx.bench.longctx_worker '{"format": "stream"}'
-    python -m qkvx.bench.longctx_worker '{"format": "pair", "paths": [A, B], "contexts": [...], "steps": 24}'
+    python -m qkvx.bench.longctx_worker '{"format": "pair", "formats": ["pte", "onnx"], "paths": [A, B],
+                                          "contexts": [...], "steps": 24}'
 
 Prints one JSON line: {"ms": {threads: {context: median ms/token}}, "profile": {context: parts}}.
 
@@ -44,11 +45,16 @@ class _Pte:
 
     def set_threads(self, n: int) -> None:
         import qkvx.kernels as K
-        from qkvx.harness.runners import open_runner
 
         self.runner = None  # the old program goes before the pool it was created with
         if K.set_num_threads(n) != n:  # ExecuTorch's pool: XNNPACK's and the kernels'
             raise RuntimeError(f"ExecuTorch's threadpool refused {n} threads")
+        self.load()
+
+    def load(self) -> None:
+        """Load the program on the pool as it is now."""
+        from qkvx.harness.runners import open_runner
+
         self.runner = open_runner("pte", self.path)
         self.runner.prefill(np.arange(4) % 256)  # first-call allocations, XNNPACK weight packing
 
@@ -97,29 +103,34 @@ def measure(fmt: str, path: Path, contexts: list[int], threads: list[int], steps
     return ms
 
 
-def pair_ratios(paths: list[str], contexts: list[int], steps: int) -> dict:
-    """Two .pte programs A, B loaded in this process (1 thread), their single-token steps
-    alternated (A B, then B A, ...) so both see the same moments of a noisy machine: per context
-    the median of the `steps` paired ratios A ms / B ms, and each one's median ms."""
+def pair_ratios(formats: list[str], paths: list[str], contexts: list[int], steps: int) -> dict:
+    """Two artifacts A, B (.pte or ONNX) loaded in this process on 1 thread, their single-token
+    steps alternated (A B, then B A, ...) so both see the same moments of a noisy machine: per
+    context the median of the `steps` paired ratios A ms / B ms, and each one's median ms."""
     import qkvx.kernels as K
-    from qkvx.harness.runners import open_runner
 
-    if K.set_num_threads(1) != 1:  # before both programs: XNNPACK keeps the pool it was made with
+    if K.set_num_threads(1) != 1:  # before any program: XNNPACK keeps the pool it was made with
         raise RuntimeError("ExecuTorch's threadpool refused 1 thread")
-    runners = [open_runner("pte", Path(p)) for p in paths]
-    for r in runners:
-        r.prefill(np.arange(4) % 256)  # first-call allocations, XNNPACK weight packing
+    runtimes = []
+    for fmt, p in zip(formats, paths, strict=True):
+        if fmt == "pte":
+            rt = _Pte(Path(p))
+            rt.load()
+        else:
+            rt = _Onnx(Path(p), [1])
+            rt.set_threads(1)
+        runtimes.append(rt)
     out: dict = {"ratio": {}, "ms": {}}
     for c in contexts:
-        for r in runners:
-            r.pos = c - steps - 2
+        for rt in runtimes:
+            rt.seek(c - steps - 2)
             for _ in range(2):  # warm-up steps, not timed
-                r.decode(1)
+                rt.decode(1)
         times: list[list[float]] = [[], []]
         for i in range(steps):
             for j in (0, 1) if i % 2 == 0 else (1, 0):
                 t = time.perf_counter()
-                runners[j].decode(1)
+                runtimes[j].decode(1)
                 times[j].append((time.perf_counter() - t) * 1e3)
         out["ratio"][str(c)] = statistics.median(a / b for a, b in zip(*times, strict=True))
         out["ms"][str(c)] = [statistics.median(t) for t in times]
@@ -161,7 +172,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"stream_gbs": stream_gbs(), "read_gbs": read_gbs()}))
         return 0
     if a["format"] == "pair":
-        print(json.dumps(pair_ratios(a["paths"], a["contexts"], a["steps"])))
+        print(json.dumps(pair_ratios(a["formats"], a["paths"], a["contexts"], a["steps"])))
         return 0
     path, contexts = Path(a["path"]), a["contexts"]
     out: dict = {"ms": measure(a["format"], path, contexts, a["threads"], a["steps"])}
