@@ -213,6 +213,15 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, c
   accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
 }
 
+// RoPE scores of rows b .. b+7 of the tile (rows of k), their tables' rows TS floats apart.
+template <class Vt, int DT, int D, int64_t TS, class Rows>
+inline void rope_block_scores(const Tile& t, int64_t b, const Rows& k, float* sc) {
+  using Tr = StrideRows<TS * 4>;
+  const int64_t off = b * TS * 4;
+  dot_block_rope<Vt, DT>(t.q, k, Tr{reinterpret_cast<const char*>(t.cos) + off},
+                         Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
+}
+
 // A full block of one query row (decode without GQA) read in place: rows b .. b+7 of the tile,
 // keys rotated in registers with RoPE; the row addresses are constant offsets from three bases.
 template <class Vt, int DT, int D>
@@ -226,15 +235,9 @@ inline void direct_block(const Tile& t, int64_t b) {
   if (t.cos == nullptr) {
     dot_block<Vt, DT>(t.q, k, D, sc);
   } else if (t.table_stride == D / 2) {  // half tables [P, D/2]
-    using Tr = StrideRows<D / 2 * 4>;
-    const int64_t off = b * (D / 2) * 4;
-    dot_block_rope<Vt, DT>(t.q, k, Tr{reinterpret_cast<const char*>(t.cos) + off},
-                           Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
+    rope_block_scores<Vt, DT, D, D / 2>(t, b, k, sc);
   } else {  // HF's [P, D] tables: the first half of each row
-    using Tr = StrideRows<D * 4>;
-    const int64_t off = b * D * 4;
-    dot_block_rope<Vt, DT>(t.q, k, Tr{reinterpret_cast<const char*>(t.cos) + off},
-                           Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
+    rope_block_scores<Vt, DT, D, D>(t, b, k, sc);
   }
   if (visible >= kBlock) {
     fold_block<Vt, DT, true, DT>(t, 0, b, kBlock, sc, v, D);

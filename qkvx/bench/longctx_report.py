@@ -46,6 +46,15 @@ def thread_bound(result: dict, key: str, context: int) -> float | None:
     )
 
 
+def paired(result: dict, label: str, context: int) -> tuple[float, str] | None:
+    """The median over rounds of a pair's QKV ms / Q-K=V ms timed in one process
+    (longctx.paired_configs labels), and the rounds' ratios as text; None if not measured."""
+    ratios = [p["ratio"][str(context)] for p in result.get("pairs", {}).get(label, [])]
+    if not ratios:
+        return None
+    return statistics.median(ratios), ", ".join(f"{x:.2f}" for x in ratios)
+
+
 def _rows(result: dict, fmt: str) -> list[tuple[str, str, str]]:
     return [tuple(k.split("/")[1:]) for k in result["runs"] if k.startswith(fmt + "/")]
 
@@ -151,13 +160,11 @@ def goals(result: dict) -> list[str]:
             continue
         if qkv in runs:
             x = ratio(result, qkv, kv, at)
-            paired = [p["ratio"][str(at)] for p in result.get("pairs", {}).get(f"pte/{fam}/{PAIR_KIND}", [])]
+            pair = paired(result, f"pte/{fam}/{PAIR_KIND}", at)
             goal = f"{fam}: QKV ms / Q-K=V ms at {at} >= {GOAL_RATIO}x"
-            if paired:  # judged on the paired figure: both programs measured at the same moments
-                y = statistics.median(paired)
-                rounds = ", ".join(f"{p:.2f}" for p in paired)
-                got = f"{y:.2f}x paired in one process (rounds {rounds}); separate processes {x:.2f}x"
-                row(goal, got, y >= GOAL_RATIO)
+            if pair:  # judged on the paired figure: both programs measured at the same moments
+                got = f"{pair[0]:.2f}x paired in one process (rounds {pair[1]}); separate processes {x:.2f}x"
+                row(goal, got, pair[0] >= GOAL_RATIO)
             else:
                 row(goal, f"{x:.2f}x", x >= GOAL_RATIO)
         cache_b, weight_b = bytes_read(fam, "Q-K=V", "qkvx-fp32", at)
@@ -198,15 +205,13 @@ def goals(result: dict) -> list[str]:
                 f"worst .pte / ONNX = {w[0]:.2f} at {w[1]} ({w[2]})",
                 w[0] <= 1.0,
             )
-    paired = [p["ratio"][str(at)] for p in result.get("pairs", {}).get(f"onnx/llama/{ONNX_BUILTIN_PAIR}", [])]
-    if paired:
-        y = statistics.median(paired)
-        rounds = ", ".join(f"{p:.2f}" for p in paired)
+    pair = paired(result, f"onnx/llama/{ONNX_BUILTIN_PAIR}", at)
+    if pair:
         row(
             f"llama ONNX, onnxruntime's built-in ops ({ONNX_BUILTIN_PAIR}): QKV ms / Q-K=V ms at {at}"
             f" >= {GOAL_ONNX_BUILTIN}x",
-            f"{y:.2f}x paired in one process (rounds {rounds})",
-            y >= GOAL_ONNX_BUILTIN,
+            f"{pair[0]:.2f}x paired in one process (rounds {pair[1]})",
+            pair[0] >= GOAL_ONNX_BUILTIN,
         )
     return out
 

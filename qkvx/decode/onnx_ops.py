@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qkvx.models.attention import rotate
+
 
 def grouped_attention(
     query: Tensor,
@@ -49,9 +51,7 @@ def _(query, key, value, bias, scale):
 def rotate_rows(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE (HF rotate_half) of cache rows x [B, G, S, D] at positions [B, S], with half tables
     cos / sin [max_positions, D / 2]: the same numbers as Rope.forward."""
-    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [B, 1, S, D / 2]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return rotate(x, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # tables [B, 1, S, D / 2]
 
 
 @torch.library.custom_op("qkvx::rotary_rows", mutates_args=())

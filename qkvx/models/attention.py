@@ -22,6 +22,14 @@ from torch import Tensor, nn
 from qkvx.spec import ModelSpec
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF rotate_half RoPE of x [..., D] with half-table rows cos / sin broadcastable to
+    [..., D/2]: the same products and sums as HF's x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class Rope(nn.Module):
     """Rotary position embedding, HF Llama convention (rotate_half over two halves of head_dim).
     Holds the half tables cos/sin [P, D/2]: HF's full tables repeat them over both halves, and
@@ -35,13 +43,9 @@ class Rope(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [B, T, heads, D]; positions [B, T] or [T] (int64). The same products and sums as HF's
-        x * cos + rotate_half(x) * sin."""
-        cos = self.cos[positions].unsqueeze(-2)  # [B, T, 1, D/2] or [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(-2)
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        """x [B, T, heads, D]; positions [B, T] or [T] (int64)."""
+        # [B, T, 1, D/2] or [T, 1, D/2]
+        return rotate(x, self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2))
 
 
 class CacheStrategy(Protocol):
