@@ -14,11 +14,11 @@ artifacts interleaved round by round, and the median over rounds reported. Each 
 measures a single-thread streaming read (numpy sum over 1 GiB, in its own fresh process), the
 bound the GB/s figures are compared with, and a vectorized read (torch.sum) on 1 and on 2 threads
 (what a second core adds to the memory bandwidth: the bound of a memory-bound step's 2-thread
-speedup). Each round also times pairs in ONE process with their steps alternated: a family's fp32
-QKV and Q-K=V .pte, and Llama's QKV and Q-K=V ONNX graphs of onnxruntime's built-in ops
-(`rotary`): the paired ratios the QKV / Q-K=V goals are judged on (on this noisy VM separate
-processes minutes apart move a ratio by up to 1.2x). Every cache position a step reads holds real
-values (longctx_worker).
+speedup). Each round also times pairs (pairs()): two processes, each holding one artifact,
+their single-token steps alternated, so both sides see the same moments: QKV vs Q-K=V, 1 vs 2
+threads, the .pte vs each ONNX graph. The goals are judged on those paired ratios (on this noisy
+VM separate processes minutes apart move a ratio by up to 1.2x). Every cache position a step
+reads holds real values (longctx_worker).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ VARIANTS = ("QKV", "Q-K=V", "Q-MQA")
 CONTEXTS = (1024, 4096, 16384, 32768)
 PTE_CACHES = ("qkvx-fp32", "qkvx-fp16", "qkvx-int8", "llama-fp32", "llama-int8")  # kernels-cache dtype
 ONNX_ATTENTION = ("plain", "mha", "rotary", "custom")
-# The paired QKV / Q-K=V measurements: the .pte kind, onnxruntime's built-in-op RoPE graph, steps.
+# Paired measurements (pairs()): the .pte kind, onnxruntime's built-in-op RoPE graph, steps per context.
 PAIR_KIND, ONNX_BUILTIN_PAIR, PAIR_STEPS = "qkvx-fp32", "rotary", 24
 
 
@@ -168,20 +168,11 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
                 + " ".join(f"{c}={v:.1f}" for c, v in one.items()),
                 flush=True,
             )
-        for label, (qkv, kv) in paired_configs(cfgs).items():
-            res = _worker(
-                {
-                    "format": "pair",
-                    "formats": [qkv.format, kv.format],
-                    "paths": [str(qkv.path(out)), str(kv.path(out))],
-                    "contexts": list(contexts),
-                    "steps": PAIR_STEPS,
-                },
-                f"{label} pair",
-            )
-            result.setdefault("pairs", {}).setdefault(label, []).append(res)
+        for pair in pairs(cfgs, threads):
+            res = alternate(pair, out, contexts, PAIR_STEPS)
+            result.setdefault("pairs", {}).setdefault(pair.label, []).append(res)
             print(
-                f"round {r + 1}/{rounds} {label} QKV / Q-K=V paired: "
+                f"round {r + 1}/{rounds} {pair.label}: "
                 + " ".join(f"{c}={v:.2f}x" for c, v in res["ratio"].items()),
                 flush=True,
             )
@@ -189,16 +180,93 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
     return result
 
 
-def paired_configs(cfgs: list[Config]) -> dict[str, tuple[Config, Config]]:
-    """The (QKV, Q-K=V) pairs to time in one process, by label ("<format>/<family>/<kind>"), of
-    those measured: each family's .pte with PAIR_KIND, Llama's ONNX with ONNX_BUILTIN_PAIR."""
+@dataclass(frozen=True)
+class Pair:
+    """Sides (artifact, threads) whose steps are alternated; the ratio is side 0 ms / side 1 ms,
+    and with four sides `control` is side 2 ms / side 3 ms at the same moments."""
+
+    label: str
+    sides: tuple[tuple[Config, int], ...]
+
+
+# A side that reads READ_MIB of memory (torch.sum) per step instead of decoding: the control of a
+# 1 vs 2 threads pair, what a second core adds to the memory bandwidth at those moments.
+READ, READ_MIB = Config("read", "-", "-", "-"), 256
+
+
+def pairs(cfgs: list[Config], threads: list[int]) -> list[Pair]:
+    """The pairs each goal is judged on, of those measured, by label (longctx_report reads them):
+    "qkv/<format>/<family>/<kind>"   QKV vs Q-K=V: each family's PAIR_KIND .pte, Llama's
+                                     ONNX_BUILTIN_PAIR graph, 1 thread;
+    "threads/<family>"               the Q-K=V PAIR_KIND .pte on 1 vs 2 threads, READ on 1 vs 2
+                                     threads as the control;
+    "onnx/<family>/<graph>"          each Q-K=V ONNX graph vs the Q-K=V PAIR_KIND .pte, 1 thread."""
     have = {(c.format, c.family, c.variant, c.kind): c for c in cfgs}
-    wanted = [("pte", f, PAIR_KIND) for f in FAMILIES] + [("onnx", "llama", ONNX_BUILTIN_PAIR)]
-    return {
-        f"{fmt}/{fam}/{kind}": (have[(fmt, fam, "QKV", kind)], have[(fmt, fam, "Q-K=V", kind)])
-        for fmt, fam, kind in wanted
-        if (fmt, fam, "QKV", kind) in have and (fmt, fam, "Q-K=V", kind) in have
-    }
+    out = []
+    for fmt, fam, kind in [("pte", f, PAIR_KIND) for f in FAMILIES] + [("onnx", "llama", ONNX_BUILTIN_PAIR)]:
+        qkv, kv = have.get((fmt, fam, "QKV", kind)), have.get((fmt, fam, "Q-K=V", kind))
+        if qkv and kv:
+            out.append(Pair(f"qkv/{fmt}/{fam}/{kind}", ((qkv, 1), (kv, 1))))
+    for fam in FAMILIES:
+        pte = have.get(("pte", fam, "Q-K=V", PAIR_KIND))
+        if pte and 2 in threads:
+            out.append(Pair(f"threads/{fam}", ((pte, 1), (pte, 2), (READ, 1), (READ, 2))))
+        for graph in ONNX_ATTENTION:
+            onnx = have.get(("onnx", fam, "Q-K=V", graph))
+            if pte and onnx:
+                out.append(Pair(f"onnx/{fam}/{graph}", ((onnx, 1), (pte, 1))))
+    return out
+
+
+def alternate(pair: Pair, out: Path, contexts, steps: int) -> dict:
+    """Each side loaded in its own fresh process (longctx_worker.serve), their single-token steps
+    taken in turn, the order rotated every round (a b, b a for two sides) so all see the same
+    moments of a noisy machine: per context the median of the `steps` ratios side 0 / side 1
+    (and side 2 / side 3 as "control"), and each side's median ms."""
+    procs = []
+    for cfg, n in pair.sides:
+        path = "" if cfg == READ else str(cfg.path(out))
+        arg = {"format": "serve", "serve": cfg.format, "path": path, "threads": n, "read_mib": READ_MIB}
+        cmd = [sys.executable, "-m", "qkvx.bench.longctx_worker", json.dumps(arg)]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+
+    def ask(p: subprocess.Popen, line: str) -> str:
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        answer = p.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"{pair.label}: worker ended (exit {p.wait()}) on {line!r}")
+        return answer.strip()
+
+    def ratio(times: list[list[float]], a: int, b: int) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{pair.label}: worker failed to load (exit {p.wait()})")
+        res: dict = {"ratio": {}, "ms": {}}
+        k = len(procs)
+        for c in contexts:
+            for p in procs:
+                ask(p, f"seek {c - steps - 2}")
+                for _ in range(2):  # warm-up steps, not timed
+                    ask(p, "step")
+            times: list[list[float]] = [[] for _ in procs]
+            for i in range(steps):
+                order = [(j + i) % k for j in range(k)]
+                for j in order if i % 2 == 0 else order[::-1]:
+                    times[j].append(float(ask(procs[j], "step")))
+            res["ratio"][str(c)] = ratio(times, 0, 1)
+            if k == 4:
+                res.setdefault("control", {})[str(c)] = ratio(times, 2, 3)
+            res["ms"][str(c)] = [statistics.median(t) for t in times]
+        return res
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.stdin.close()
+                p.wait()
 
 
 def median_ms(result: dict, key: str, threads: int, context: int) -> float | None:

@@ -3,10 +3,11 @@
     python -m qkvx.bench.longctx_worker '{"format": "pte", "path": ..., "contexts": [...],
                                           "threads": [1, 2], "steps": 8, "profile": true}'
     python -m qkvx.bench.longctx_worker '{"format": "stream"}'
-    python -m qkvx.bench.longctx_worker '{"format": "pair", "formats": ["pte", "onnx"], "paths": [A, B],
-                                          "contexts": [...], "steps": 24}'
+    python -m qkvx.bench.longctx_worker '{"format": "serve", "serve": "pte", "path": ..., "threads": 1,
+                                          "read_mib": 256}'
 
-Prints one JSON line: {"ms": {threads: {context: median ms/token}}, "profile": {context: parts}}.
+Prints one JSON line: {"ms": {threads: {context: median ms/token}}, "profile": {context: parts}};
+"serve" answers step commands instead (serve()).
 
 Every cache position a step reads holds real values, on pages that were written: a .pte carries
 its cache's initial state (random values, copied into the planned cache at load); an ONNX past is
@@ -103,38 +104,53 @@ def measure(fmt: str, path: Path, contexts: list[int], threads: list[int], steps
     return ms
 
 
-def pair_ratios(formats: list[str], paths: list[str], contexts: list[int], steps: int) -> dict:
-    """Two artifacts A, B (.pte or ONNX) loaded in this process on 1 thread, their single-token
-    steps alternated (A B, then B A, ...) so both see the same moments of a noisy machine: per
-    context the median of the `steps` paired ratios A ms / B ms, and each one's median ms."""
-    import qkvx.kernels as K
+class _Read:
+    """Not an artifact: each step reads a freshly written array (torch.sum), the control beside a
+    step's 1 vs 2 threads (what a second core adds to the memory bandwidth at those moments)."""
 
-    if K.set_num_threads(1) != 1:  # before any program: XNNPACK keeps the pool it was made with
-        raise RuntimeError("ExecuTorch's threadpool refused 1 thread")
-    runtimes = []
-    for fmt, p in zip(formats, paths, strict=True):
-        if fmt == "pte":
-            rt = _Pte(Path(p))
-            rt.load()
+    def __init__(self, mib: int):
+        import torch
+
+        self.torch, self.a = torch, torch.ones(mib * 1024 * 1024 // 4, dtype=torch.float32)
+
+    def set_threads(self, n: int) -> None:
+        self.torch.set_num_threads(n)
+
+    def seek(self, pos: int) -> None:
+        pass
+
+    def decode(self, token: int) -> int:
+        return int(self.a.sum() > 0)
+
+
+def serve(fmt: str, path: Path, threads: int, read_mib: int) -> None:
+    """Hold one artifact loaded on `threads` threads and answer commands on stdin, one per line, so
+    that a parent can alternate the steps of two such processes (longctx.alternate) and both see
+    the same moments of a noisy machine: "seek POS" -> "ok" (the next step writes position POS),
+    "step" -> the step's ms (timed here: no pipe in it), "quit"."""
+    import os
+
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's own stream; what libraries print goes
+    os.dup2(2, 1)  # to stderr instead of between answers
+    rt = _Pte(path) if fmt == "pte" else _Onnx(path, [threads]) if fmt == "onnx" else _Read(read_mib)
+    rt.set_threads(threads)
+
+    def say(text: str) -> None:
+        answers.write(text + "\n")
+        answers.flush()
+
+    say("ready")
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "seek":
+            rt.seek(int(cmd[1]))
+            say("ok")
+        elif cmd[0] == "step":
+            t = time.perf_counter()
+            rt.decode(1)
+            say(f"{(time.perf_counter() - t) * 1e3:.6f}")
         else:
-            rt = _Onnx(Path(p), [1])
-            rt.set_threads(1)
-        runtimes.append(rt)
-    out: dict = {"ratio": {}, "ms": {}}
-    for c in contexts:
-        for rt in runtimes:
-            rt.seek(c - steps - 2)
-            for _ in range(2):  # warm-up steps, not timed
-                rt.decode(1)
-        times: list[list[float]] = [[], []]
-        for i in range(steps):
-            for j in (0, 1) if i % 2 == 0 else (1, 0):
-                t = time.perf_counter()
-                runtimes[j].decode(1)
-                times[j].append((time.perf_counter() - t) * 1e3)
-        out["ratio"][str(c)] = statistics.median(a / b for a, b in zip(*times, strict=True))
-        out["ms"][str(c)] = [statistics.median(t) for t in times]
-    return out
+            return
 
 
 def stream_gbs() -> float:
@@ -171,8 +187,8 @@ def main(argv: list[str]) -> int:
     if a["format"] == "stream":
         print(json.dumps({"stream_gbs": stream_gbs(), "read_gbs": read_gbs()}))
         return 0
-    if a["format"] == "pair":
-        print(json.dumps(pair_ratios(a["formats"], a["paths"], a["contexts"], a["steps"])))
+    if a["format"] == "serve":
+        serve(a["serve"], Path(a["path"]), a["threads"], a["read_mib"])
         return 0
     path, contexts = Path(a["path"]), a["contexts"]
     out: dict = {"ms": measure(a["format"], path, contexts, a["threads"], a["steps"])}
