@@ -16,9 +16,9 @@ bound the GB/s figures are compared with, and a vectorized read (torch.sum) on 1
 (what a second core adds to the memory bandwidth: the bound of a memory-bound step's 2-thread
 speedup). Each round also times pairs (pairs()): two processes, each holding one artifact,
 their single-token steps alternated, so both sides see the same moments: QKV vs Q-K=V, 1 vs 2
-threads, the .pte vs each ONNX graph. The goals are judged on those paired ratios (on this noisy
-VM separate processes minutes apart move a ratio by up to 1.2x). Every cache position a step
-reads holds real values (longctx_worker).
+threads, fp32 vs int8 cache, the .pte vs each ONNX graph. The goals are judged on those paired
+ratios (on this noisy VM separate processes minutes apart move a ratio by up to 1.2x). Every
+cache position a step reads holds real values (longctx_worker).
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ def pairs(cfgs: list[Config], threads: list[int]) -> list[Pair]:
                                      ONNX_BUILTIN_PAIR graph, 1 thread;
     "threads/<family>"               the Q-K=V PAIR_KIND .pte on 1 vs 2 threads, READ on 1 vs 2
                                      threads as the control;
+    "int8/<family>"                  the Q-K=V PAIR_KIND .pte vs its qkvx-int8 twin, 1 thread;
     "onnx/<family>/<graph>"          each Q-K=V ONNX graph vs the Q-K=V PAIR_KIND .pte, 1 thread."""
     have = {(c.format, c.family, c.variant, c.kind): c for c in cfgs}
     out = []
@@ -211,6 +212,9 @@ def pairs(cfgs: list[Config], threads: list[int]) -> list[Pair]:
         pte = have.get(("pte", fam, "Q-K=V", PAIR_KIND))
         if pte and 2 in threads:
             out.append(Pair(f"threads/{fam}", ((pte, 1), (pte, 2), (READ, 1), (READ, 2))))
+        int8 = have.get(("pte", fam, "Q-K=V", "qkvx-int8"))
+        if pte and int8:
+            out.append(Pair(f"int8/{fam}", ((pte, 1), (int8, 1))))
         for graph in ONNX_ATTENTION:
             onnx = have.get(("onnx", fam, "Q-K=V", graph))
             if pte and onnx:
