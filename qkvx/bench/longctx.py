@@ -40,8 +40,9 @@ VARIANTS = ("QKV", "Q-K=V", "Q-MQA")
 CONTEXTS = (1024, 4096, 16384, 32768)
 PTE_CACHES = ("qkvx-fp32", "qkvx-fp16", "qkvx-int8", "llama-fp32", "llama-int8")  # kernels-cache dtype
 ONNX_ATTENTION = ("plain", "mha", "rotary", "custom")
-# Paired measurements (pairs()): the .pte kind, onnxruntime's built-in-op RoPE graph, steps per context.
-PAIR_KIND, ONNX_BUILTIN_PAIR, PAIR_STEPS = "qkvx-fp32", "rotary", 24
+# Paired measurements (pairs()): the .pte kind, Llama's ONNX graphs with onnxruntime's built-in ops
+# for RoPE and with qkvx's custom op, steps per context.
+PAIR_KIND, ONNX_BUILTIN_PAIR, ONNX_CUSTOM_PAIR, PAIR_STEPS = "qkvx-fp32", "rotary", "custom", 24
 
 
 @dataclass(frozen=True)
@@ -197,14 +198,15 @@ READ, READ_MIB = Config("read", "-", "-", "-"), 256
 def pairs(cfgs: list[Config], threads: list[int]) -> list[Pair]:
     """The pairs each goal is judged on, of those measured, by label (longctx_report reads them):
     "qkv/<format>/<family>/<kind>"   QKV vs Q-K=V: each family's PAIR_KIND .pte, Llama's
-                                     ONNX_BUILTIN_PAIR graph, 1 thread;
+                                     ONNX_BUILTIN_PAIR and ONNX_CUSTOM_PAIR graphs, 1 thread;
     "threads/<family>"               the Q-K=V PAIR_KIND .pte on 1 vs 2 threads, READ on 1 vs 2
                                      threads as the control;
     "int8/<family>"                  the Q-K=V PAIR_KIND .pte vs its qkvx-int8 twin, 1 thread;
     "onnx/<family>/<graph>"          each Q-K=V ONNX graph vs the Q-K=V PAIR_KIND .pte, 1 thread."""
     have = {(c.format, c.family, c.variant, c.kind): c for c in cfgs}
     out = []
-    for fmt, fam, kind in [("pte", f, PAIR_KIND) for f in FAMILIES] + [("onnx", "llama", ONNX_BUILTIN_PAIR)]:
+    onnx_graphs = [("onnx", "llama", g) for g in (ONNX_BUILTIN_PAIR, ONNX_CUSTOM_PAIR)]
+    for fmt, fam, kind in [("pte", f, PAIR_KIND) for f in FAMILIES] + onnx_graphs:
         qkv, kv = have.get((fmt, fam, "QKV", kind)), have.get((fmt, fam, "Q-K=V", kind))
         if qkv and kv:
             out.append(Pair(f"qkv/{fmt}/{fam}/{kind}", ((qkv, 1), (kv, 1))))
