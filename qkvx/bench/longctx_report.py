@@ -154,6 +154,17 @@ def goals(result: dict) -> list[str]:
     def row(goal: str, measured: str, ok: bool) -> None:
         out.append(f"| {goal} | {measured} | {'met' if ok else '**missed**'} |")
 
+    def judged(goal: str, label: str, ok, separate: str, separate_ok: bool, name: str = "") -> None:
+        """The goal on the pair `label` at `at` if it was measured (ok(ratio)), else on the
+        separate-process figures."""
+        if pair := paired(result, label, at):
+            got = f"{name}{pair[0]:.2f}x paired (rounds {pair[1]}); separate processes {separate}"
+            if control := paired(result, label, at, "control"):
+                got += f"; a {READ_MIB} MiB read, same moments: {control[0]:.2f}x (rounds {control[1]})"
+            row(goal, got, ok(pair[0]))
+        else:
+            row(goal, separate, separate_ok)
+
     families = sorted({k.split("/")[1] for k in runs if k.startswith("pte/")})
     at = 16384 if 16384 in ctx else ctx[-1]
     for fam in families:
@@ -162,13 +173,9 @@ def goals(result: dict) -> list[str]:
             continue
         if qkv in runs:
             x = ratio(result, qkv, kv, at)
-            pair = paired(result, f"qkv/pte/{fam}/{PAIR_KIND}", at)
             goal = f"{fam}: QKV ms / Q-K=V ms at {at} >= {GOAL_RATIO}x"
-            if pair:  # judged on the paired figure: both programs measured at the same moments
-                got = f"{pair[0]:.2f}x paired (rounds {pair[1]}); separate processes {x:.2f}x"
-                row(goal, got, pair[0] >= GOAL_RATIO)
-            else:
-                row(goal, f"{x:.2f}x", x >= GOAL_RATIO)
+            label = f"qkv/pte/{fam}/{PAIR_KIND}"
+            judged(goal, label, lambda r: r >= GOAL_RATIO, f"{x:.2f}x", x >= GOAL_RATIO)
         cache_b, weight_b = bytes_read(fam, "Q-K=V", "qkvx-fp32", at)
         step = (cache_b + weight_b) / median_ms(result, kv, 1, at) / 1e6
         row(
@@ -188,25 +195,14 @@ def goals(result: dict) -> list[str]:
         i8 = _key("pte", fam, "Q-K=V", "qkvx-int8")
         if i8 in runs:
             a, b = median_ms(result, i8, 1, at), median_ms(result, kv, 1, at)
-            goal, got = f"{fam} Q-K=V: int8 cache faster than fp32 at {at}", f"{a:.1f} vs {b:.1f} ms"
-            if pair := paired(result, f"int8/{fam}", at):  # fp32 ms / int8 ms at the same moments
-                got = f"fp32 / int8 = {pair[0]:.2f}x paired (rounds {pair[1]}); separate processes {got}"
-                row(goal, got, pair[0] > 1.0)
-            else:
-                row(goal, got, a < b)
+            goal = f"{fam} Q-K=V: int8 cache faster than fp32 at {at}"
+            judged(goal, f"int8/{fam}", lambda r: r > 1.0, f"{a:.1f} vs {b:.1f} ms", a < b, "fp32 / int8 = ")
         if 2 in result["threads"]:
             x = speedup(result, kv, 2, at)
             bound = thread_bound(result, kv, at)
             bound = f" (memory ~{bound:.2f}x: its bytes at the round's 2-thread read rate)" if bound else ""
             goal = f"{fam} Q-K=V: 2 threads >= {GOAL_THREADS}x 1 thread at {at}"
-            pair = paired(result, f"threads/{fam}", at)
-            if pair:
-                got = f"{pair[0]:.2f}x paired (rounds {pair[1]}); separate processes {x:.2f}x{bound}"
-                if control := paired(result, f"threads/{fam}", at, "control"):
-                    got += f"; a {READ_MIB} MiB read, same moments: {control[0]:.2f}x (rounds {control[1]})"
-                row(goal, got, pair[0] >= GOAL_THREADS)
-            else:
-                row(goal, f"{x:.2f}x{bound}", x >= GOAL_THREADS)
+            judged(goal, f"threads/{fam}", lambda r: r >= GOAL_THREADS, f"{x:.2f}x{bound}", x >= GOAL_THREADS)
         goal = f"{fam} Q-K=V: .pte not slower than the fastest ONNX graph at any context"
         graphs = sorted({k.split("/")[3] for k in runs if k.startswith(f"onnx/{fam}/Q-K=V/")})
         duels = [(paired(result, f"onnx/{fam}/{g}", c), c, g) for c in ctx for g in graphs]

@@ -105,8 +105,9 @@ def measure(fmt: str, path: Path, contexts: list[int], threads: list[int], steps
 
 
 class _Read:
-    """Not an artifact: each step reads a freshly written array (torch.sum), the control beside a
-    step's 1 vs 2 threads (what a second core adds to the memory bandwidth at those moments)."""
+    """Not an artifact: each step reads a freshly written array of `mib` MiB (torch.sum; every page
+    written), the control beside a step's 1 vs 2 threads (what a second core adds to the memory
+    bandwidth at those moments) and read_gbs's reader."""
 
     def __init__(self, mib: int):
         import torch
@@ -169,16 +170,13 @@ def read_gbs(passes: int = 3) -> dict[str, float]:
     fast as the step's own kernels on one core (numpy's pairwise sum is slower), so read 2 / read 1
     is what a second core adds to the memory bandwidth, the bound of a memory-bound step's
     2-thread speedup."""
-    import torch
-
-    a = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # every page written
-    best = {1: 0.0, 2: 0.0}
+    read, best = _Read(1024), {1: 0.0, 2: 0.0}
     for p in range(passes):
         for n in (1, 2) if p % 2 == 0 else (2, 1):
-            torch.set_num_threads(n)
+            read.set_threads(n)
             t = time.perf_counter()
-            a.sum()
-            best[n] = max(best[n], a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+            read.decode(1)
+            best[n] = max(best[n], read.a.numel() * 4 / (time.perf_counter() - t) / 1e9)
     return {str(n): gbs for n, gbs in best.items()}
 
 
