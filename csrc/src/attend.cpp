@@ -1,9 +1,11 @@
-// The attention driver: splits the causal prefix 0 .. start_pos+T-1 into sequence chunks (one per
-// pool thread), runs the tile kernel over every (chunk, kv head), then merges the chunks' partial
+// The attention driver: lays the key spans (attend: the causal prefix 0 .. start_pos+T-1; the
+// onnxruntime op: the unmasked runs) end to end, splits them into sequence chunks (several per pool
+// thread), runs the tile kernel over every (chunk, kv head), then merges the chunks' partial
 // softmax states per query row.
 //
 // Shapes: q [1, T, H, D], caches [1, G, S, D] (heads before tokens), R = H / G query heads per kv
 // head, M = R * T query rows per kv head (row m = t * R + r is query head g * R + r at token t).
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -119,48 +121,88 @@ const char* simd_path() { return kPathNames[best_path()]; }
 Status attend(const AttendArgs& a) {
   Status st = check_attend(a);
   if (!st.ok()) return st;
-  const int64_t T = a.q->sizes[1], H = a.q->sizes[2], D = a.q->sizes[3];
-  const int64_t G = a.k_cache->sizes[1], S = a.k_cache->sizes[2];
-  if (T == 0) return st;
-  const int64_t R = H / G, M = R * T, n_keys = a.start_pos + T;
-  const int32_t dtype = a.k_cache->dtype;
-  const bool shared = a.v_cache == nullptr, rope = a.rope_cos != nullptr;
+  SpanAttention s;
+  s.T = a.q->sizes[1], s.H = a.q->sizes[2], s.D = a.q->sizes[3];
+  s.G = a.k_cache->sizes[1], s.S = a.k_cache->sizes[2];
+  if (s.T == 0) return st;
+  const int64_t R = s.H / s.G, M = R * s.T;
+  std::unique_ptr<int64_t[]> limit(new (std::nothrow) int64_t[M]);
+  if (!limit) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
+  for (int64_t m = 0; m < M; ++m) limit[m] = a.start_pos + m / R;
+  KeySpan all;
+  all.end = a.start_pos + s.T, all.m_end = M;
+  s.q = static_cast<const float*>(a.q->data);
+  s.k = a.k_cache->data;
+  s.v = a.v_cache ? a.v_cache->data : s.k;
+  s.k_scale = a.k_scale ? static_cast<const float*>(a.k_scale->data) : nullptr;
+  s.v_scale = a.v_cache ? (a.v_scale ? static_cast<const float*>(a.v_scale->data) : nullptr) : s.k_scale;
+  s.cos = a.rope_cos ? static_cast<const float*>(a.rope_cos->data) : nullptr;
+  s.sin = a.rope_sin ? static_cast<const float*>(a.rope_sin->data) : nullptr;
+  s.table_stride = a.rope_cos ? a.rope_cos->sizes[1] : 0;  // HF's [P, D] tables: the first halves
+  s.dtype = a.k_cache->dtype;
+  s.scale = 1.0f / std::sqrt(static_cast<float>(s.D));
+  s.limit = limit.get();
+  s.spans = &all, s.n_spans = 1;
+  s.out = static_cast<float*>(a.out->data);
+  return attend_spans(s);
+}
+
+namespace {
+
+// The spans' rows in order form one sequence of n_rows; a chunk is a range of it. Calls
+// f(span, first row, rows) for the pieces of chunk [c0, c1), each within one span.
+template <class F>
+void for_span_pieces(const SpanAttention& a, int64_t c0, int64_t c1, const F& f) {
+  int64_t seq = 0;  // sequence index of the current span's first row
+  for (int64_t i = 0; i < a.n_spans && seq < c1; ++i) {
+    const KeySpan& sp = a.spans[i];
+    const int64_t len = sp.end - sp.begin, lo = std::max(c0, seq), hi = std::min(c1, seq + len);
+    if (lo < hi) f(sp, sp.begin + (lo - seq), hi - lo);
+    seq += len;
+  }
+}
+
+}  // namespace
+
+Status attend_spans(const SpanAttention& a) {
+  const int64_t T = a.T, H = a.H, D = a.D, G = a.G, S = a.S;
+  if (T == 0) return Status{};
+  const int64_t R = H / G, M = R * T;
+  const bool shared = a.v == a.k, rope = a.cos != nullptr;
   const TileKernel kernel = choose_kernel(D, rope);
+  int64_t n_rows = 0;
+  for (int64_t i = 0; i < a.n_spans; ++i) n_rows += a.spans[i].end - a.spans[i].begin;
 
   // Sequence chunks: kChunksPerThread per pool thread, none smaller than kMinChunkBytes, and
   // exactly one when single-threaded (no split and no merge cost then).
+  const int64_t threads = a.pool ? a.pool->threads : thread_count();
   int64_t chunk = g_chunk_rows.load();
   if (chunk <= 0) {
-    const int64_t row_bytes = G * D * elem_bytes(dtype) * (shared ? 1 : 2);
+    const int64_t row_bytes = G * D * elem_bytes(a.dtype) * (shared ? 1 : 2);
     const int64_t min_rows = ceil_div(kMinChunkBytes, row_bytes > 0 ? row_bytes : 1);
-    const int64_t threads = thread_count();
     int64_t n = threads > 1 ? threads * kChunksPerThread : 1;
-    if (n > ceil_div(n_keys, min_rows)) n = ceil_div(n_keys, min_rows);
+    if (n > ceil_div(n_rows, min_rows)) n = ceil_div(n_rows, min_rows);
     if (n < 1) n = 1;
-    chunk = ceil_div(ceil_div(n_keys, n), 8) * 8;  // whole blocks of rows
+    chunk = ceil_div(ceil_div(n_rows, n), 8) * 8;  // whole blocks of rows
   }
-  const int64_t n_chunks = ceil_div(n_keys, chunk);
+  const int64_t n_chunks = n_rows > 0 ? ceil_div(n_rows, chunk) : 0;
   const int64_t rope_rows = kRopeTileTableBytes / (D * static_cast<int64_t>(sizeof(float)));  // D/2 each
   const int64_t tile_rows = rope ? (rope_rows > 256 ? rope_rows : 256) : chunk;
 
-  // Queries regrouped per kv head and pre-scaled by 1/sqrt(D): qg [G][M][D]; limit [M].
+  // Queries regrouped per kv head and pre-scaled: qg [G][M][D].
   // Per chunk state: acc [G][M][D], then max [G][M], then sum [G][M].
   const int64_t state_per_chunk = G * M * (D + 2);
   std::unique_ptr<float[]> qg(new (std::nothrow) float[G * M * D]);
-  std::unique_ptr<int64_t[]> limit(new (std::nothrow) int64_t[M]);
-  std::unique_ptr<float[]> state(new (std::nothrow) float[n_chunks * state_per_chunk]);
-  if (!qg || !limit || !state) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float* q = static_cast<const float*>(a.q->data);
+  std::unique_ptr<float[]> state(new (std::nothrow) float[n_chunks * state_per_chunk + 1]);
+  if (!qg || !state) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t m = 0; m < M; ++m) {
       const int64_t t = m / R, h = g * R + m % R;
-      const float* src = q + (t * H + h) * D;
+      const float* src = a.q + (t * H + h) * D;
       float* dst = qg.get() + (g * M + m) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * a.scale;
     }
   }
-  for (int64_t m = 0; m < M; ++m) limit[m] = a.start_pos + m / R;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < n_chunks; ++c) {
     float* s = state.get() + c * state_per_chunk;
@@ -168,17 +210,12 @@ Status attend(const AttendArgs& a) {
     for (int64_t i = 0; i < G * M; ++i) s[G * M * D + i] = neg_inf, s[G * M * (D + 1) + i] = 0.0f;
   }
 
-  const int64_t eb = elem_bytes(dtype);
-  const char* kbase = static_cast<const char*>(a.k_cache->data);
-  const char* vbase = shared ? kbase : static_cast<const char*>(a.v_cache->data);
-  const float* ks = a.k_scale ? static_cast<const float*>(a.k_scale->data) : nullptr;
-  const float* vs = shared ? ks : a.v_scale ? static_cast<const float*>(a.v_scale->data) : nullptr;
-  const float* cosp = rope ? static_cast<const float*>(a.rope_cos->data) : nullptr;
-  const float* sinp = rope ? static_cast<const float*>(a.rope_sin->data) : nullptr;
-  const int64_t ts = rope ? a.rope_cos->sizes[1] : 0;  // HF's [P, D] tables: the first halves
+  const int64_t eb = elem_bytes(a.dtype), ts = a.table_stride;
+  const char* kbase = static_cast<const char*>(a.k);
+  const char* vbase = static_cast<const char*>(a.v);
   std::atomic<bool> oom{false};
 
-  run_parallel(n_chunks, [&](int64_t c_begin, int64_t c_end) {
+  auto run_chunks = [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<float[]> scratch(new (std::nothrow) float[tile_scratch_floats(D)]);
     if (!scratch) {
       oom.store(true);
@@ -186,44 +223,54 @@ Status attend(const AttendArgs& a) {
     }
     for (int64_t c = c_begin; c < c_end; ++c) {
       float* s = state.get() + c * state_per_chunk;
-      const int64_t c_end_row = (c + 1) * chunk < n_keys ? (c + 1) * chunk : n_keys;
-      for (int64_t r0 = c * chunk; r0 < c_end_row; r0 += tile_rows) {
-        const int64_t rows = c_end_row - r0 < tile_rows ? c_end_row - r0 : tile_rows;
-        for (int64_t g = 0; g < G; ++g) {
-          Tile t;
-          const int64_t row = g * S + r0;  // first row of the tile in this head plane
-          t.k = kbase + row * D * eb;
-          t.v = vbase + row * D * eb;
-          t.k_scale = ks ? ks + row : nullptr;
-          t.v_scale = vs ? vs + row : nullptr;
-          t.cos = cosp ? cosp + r0 * ts : nullptr;
-          t.sin = sinp ? sinp + r0 * ts : nullptr;
-          t.table_stride = ts;
-          t.dtype = dtype;
-          t.row0 = r0;
-          t.rows = rows;
-          t.D = D;
-          t.M = M;
-          t.q = qg.get() + g * M * D;
-          t.limit = limit.get();
-          t.acc = s + g * M * D;
-          t.run_max = s + G * M * D + g * M;
-          t.run_sum = s + G * M * (D + 1) + g * M;
-          t.scratch = scratch.get();
-          kernel(t);
+      for_span_pieces(a, c * chunk, std::min(n_rows, (c + 1) * chunk),
+                      [&](const KeySpan& sp, int64_t first, int64_t len) {
+        const int64_t mb = sp.m_begin, mrows = sp.m_end - sp.m_begin;
+        for (int64_t r0 = first; r0 < first + len; r0 += tile_rows) {
+          const int64_t rows = std::min(first + len - r0, tile_rows);
+          const int64_t pos = sp.pos0 + (r0 - sp.begin);  // rotary table row of r0
+          for (int64_t g = 0; g < G; ++g) {
+            Tile t;
+            const int64_t row = g * S + r0;  // first row of the tile in this head plane
+            t.k = kbase + row * D * eb;
+            t.v = vbase + row * D * eb;
+            t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
+            t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
+            t.cos = rope ? a.cos + pos * ts : nullptr;
+            t.sin = rope ? a.sin + pos * ts : nullptr;
+            t.table_stride = ts;
+            t.dtype = a.dtype;
+            t.row0 = r0;
+            t.rows = rows;
+            t.D = D;
+            t.M = mrows;
+            t.q = qg.get() + (g * M + mb) * D;
+            t.limit = a.limit + mb;
+            t.acc = s + (g * M + mb) * D;
+            t.run_max = s + G * M * D + g * M + mb;
+            t.run_sum = s + G * M * (D + 1) + g * M + mb;
+            t.scratch = scratch.get();
+            kernel(t);
+          }
         }
-      }
+      });
     }
-  });
+  };
+  if (a.pool != nullptr && n_chunks > 1) {
+    a.pool->run(a.pool->pool, n_chunks,
+                [](void* f, int64_t b, int64_t e) { (*static_cast<decltype(run_chunks)*>(f))(b, e); },
+                &run_chunks);
+  } else {
+    run_parallel(n_chunks, run_chunks);
+  }
   if (oom.load()) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
 
-  // Merge: out = sum_c e^(max_c - max) acc_c / sum_c e^(max_c - max) sum_c. Every query row sees
-  // position 0, so at least one chunk has a finite max for it.
-  float* out = static_cast<float*>(a.out->data);
+  // Merge: out = sum_c e^(max_c - max) acc_c / sum_c e^(max_c - max) sum_c, skipping chunks that
+  // hold no row visible to the query row.
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t m = 0; m < M; ++m) {
       const int64_t t = m / R, h = g * R + m % R;
-      float* dst = out + (t * H + h) * D;
+      float* dst = a.out + (t * H + h) * D;
       float mx = neg_inf;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const float v = state[c * state_per_chunk + G * M * D + g * M + m];
@@ -234,17 +281,17 @@ Status attend(const AttendArgs& a) {
       for (int64_t c = 0; c < n_chunks; ++c) {
         const float* s = state.get() + c * state_per_chunk;
         const float cmax = s[G * M * D + g * M + m];
-        if (cmax == neg_inf) continue;  // this chunk lies wholly after the row's causal limit
+        if (cmax == neg_inf) continue;
         const float f = n_chunks == 1 ? 1.0f : std::exp(cmax - mx);
         denom += f * s[G * M * (D + 1) + g * M + m];
         const float* acc = s + (g * M + m) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] += f * acc[d];
       }
-      const float inv = 1.0f / denom;
+      const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
       for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
     }
   }
-  return st;
+  return Status{};
 }
 
 }  // namespace qkvx

@@ -51,7 +51,46 @@ struct AttendArgs {
 };
 
 Status check_attend(const AttendArgs& a);
-Status attend(const AttendArgs& a);  // checks, then computes
+Status attend(const AttendArgs& a);  // checks, then computes: one KeySpan over the causal prefix
+
+// A run of consecutive cache rows [begin, end) that query rows [m_begin, m_end) may read (row m
+// only up to its limit); row j is rotated with table row pos0 + (j - begin). attend() reads one
+// span, 0 .. start_pos + T - 1; a caller with padding masks (the onnxruntime op) reads the runs of
+// unmasked rows, so masked rows are never touched.
+struct KeySpan {
+  int64_t begin = 0, end = 0, pos0 = 0, m_begin = 0, m_end = 0;
+};
+
+// Splits n items over some pool: calls fn(fn_ctx, i, i + 1) for every i in [0, n), then returns.
+struct Pool {
+  void (*run)(void* pool, int64_t n, void (*fn)(void*, int64_t, int64_t), void* fn_ctx) = nullptr;
+  void* pool = nullptr;
+  int64_t threads = 1;  // how many run at once (sets the number of sequence chunks)
+};
+
+// One sequence of attention over explicit spans, on pointers the caller has checked. Shapes as
+// in AttendArgs without the batch: q / out [T, H, D] fp32, caches [G, S, D]; limit [M] (M = R * T,
+// row m = t * R + r is query head g * R + r at token t).
+struct SpanAttention {
+  const float* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;  // == k for K=V
+  const float* k_scale = nullptr;  // [G, S] iff int8
+  const float* v_scale = nullptr;
+  const float* cos = nullptr;  // rotary tables, rows table_stride floats apart, or null
+  const float* sin = nullptr;
+  int64_t table_stride = 0;
+  int32_t dtype = QKVX_FLOAT32;
+  int64_t T = 0, H = 0, G = 0, S = 0, D = 0;
+  float scale = 0.0f;
+  const int64_t* limit = nullptr;
+  const KeySpan* spans = nullptr;
+  int64_t n_spans = 0;
+  float* out = nullptr;
+  const Pool* pool = nullptr;  // null: qkvx's own (ExecuTorch's threadpool when built with it)
+};
+// A query row no span lets see any key gets zeros.
+Status attend_spans(const SpanAttention& a);
 
 // Runtime knobs (process-wide).
 // "portable" | "avx2" | "avx512" | "neon": the best path at most this one (usable on this CPU);

@@ -39,7 +39,7 @@ class PteNativeRunner(ChildRunner):
         if not self.path.is_file():
             raise QkvxError(f"{self.path}: no such .pte file")
         if binary is None:
-            from qkvx.kernels.build import runner_path
+            from qkvx.native_build import runner_path
 
             binary = runner_path()
         self.binary = Path(binary)

@@ -3,7 +3,7 @@ the ExecuTorch runtime, with no libtorch in the native code.
 
 Contract: once `qkvx.kernels` is imported, `executorch.runtime.Runtime` runs a qkvx .pte
 directly. Importing it
-  (a) locates the kernel library built for this source tree (qkvx.kernels.build.build_dir; built
+  (a) locates the kernel library built for this source tree (qkvx.native_build.build_dir; built
       on first import with cmake and g++ when missing, unless QKVX_KERNELS_NO_BUILD=1, or taken
       from QKVX_KERNELS_LIB),
   (b) loads it with ctypes and RTLD_GLOBAL: its static initializers register the ExecuTorch
@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from qkvx.kernels import _abi, ops
-from qkvx.kernels.build import KernelsBuildError, build, build_dir
+from qkvx.native_build import KernelsBuildError, build, build_dir
 
 __all__ = [
     "build",

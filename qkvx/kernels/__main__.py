@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkvx.kernels.build import RUNNER, KernelsBuildError, build
+from qkvx.native_build import RUNNER, KernelsBuildError, build
 
 
 def main(argv: list[str] | None = None) -> int:

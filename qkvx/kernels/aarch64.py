@@ -12,7 +12,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from qkvx.kernels.build import RUNNER, KernelsBuildError, build, build_dir, runner_path
+from qkvx.native_build import RUNNER, KernelsBuildError, build, build_dir, runner_path
 
 CACHE = Path("~/.cache/qkvx/arm64").expanduser()
 

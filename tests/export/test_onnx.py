@@ -231,33 +231,34 @@ def _op_graph(H, G, D, shared, rope, max_pos):
 
 
 @pytest.mark.parametrize(
-    "shared,rope,G,T",
+    "shared,rope,G,T,D",
     [
-        (True, True, 4, 1),
-        (True, True, 1, 3),
-        (True, False, 2, 1),
-        (False, False, 2, 1),
-        (True, True, 1, 20),
-        (False, False, 4, 150),
+        (True, True, 4, 1, 16),
+        (True, True, 4, 1, 64),  # the kernels' unrolled head size, one query row per kv head
+        (True, True, 1, 3, 16),
+        (True, False, 2, 1, 16),
+        (False, False, 2, 1, 16),
+        (True, True, 1, 20, 16),
+        (False, False, 4, 150, 16),
     ],
 )
-def test_cached_attention_op_matches_its_reference(tmp_path, shared, rope, G, T):
+def test_cached_attention_op_matches_its_reference(tmp_path, shared, rope, G, T, D):
     """qkvx.CachedAttention alone against qkvx::cached_attention[_kv]'s torch reference, past 5000
-    slots (decode splits the keys into chunks combined at the end; more than 64 query rows per kv
-    head take the one-task-per-head prefill path, and 150 new tokens span several key blocks), batch
-    2 with the second row left-padded."""
+    slots (the keys split into chunks combined at the end; 150 new tokens span several key blocks), batch
+    2: the second row left-padded, the first with a hole and its last new token masked."""
     import onnxruntime as ort
 
     from qkvx.decode.onnx_ops import cached_attention, cached_attention_kv
     from qkvx.export import ortops
 
-    H, D, P, max_pos = 4, 16, 5000, 6000
+    H, P, max_pos = 4, 5000, 6000
     g = torch.Generator().manual_seed(5)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     query, past_k, key = rnd(2, T, H * D), rnd(2, G, P, D), rnd(2, T, G, D)
     past_v, value = rnd(2, G, P, D), rnd(2, T, G, D)
     mask = torch.ones(2, P + T, dtype=torch.long)
-    mask[1, :1234] = 0
+    mask[1, :1234] = 0  # left padding
+    mask[0, 100:300] = mask[0, -1] = 0  # a hole, and a padding query that sees its own slot too
     ang = rnd(max_pos, D // 2)
     cos, sin = (ang.cos(), ang.sin()) if rope else (None, None)
     with torch.no_grad():
@@ -280,7 +281,7 @@ def test_cached_attention_op_matches_its_reference(tmp_path, shared, rope, G, T)
     for a, b in zip(got[1:], ref[1:], strict=False):
         assert np.array_equal(a, b.numpy())  # presents: the past then the new rows, exactly
     err = np.abs(got[0] - ref[0].numpy()).max()
-    print(f"CachedAttention shared={shared} rope={rope} G={G} T={T}: max|dout| {err:.2e}")
+    print(f"CachedAttention shared={shared} rope={rope} G={G} T={T} D={D}: max|dout| {err:.2e}")
     assert err <= 1e-5 * np.abs(ref[0].numpy()).max() + 1e-6
 
 

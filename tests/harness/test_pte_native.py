@@ -23,7 +23,7 @@ from pte_cases import CASES, case_id, check_bad_inputs, cli, one_line_error
 
 @pytest.fixture(scope="session")
 def qkvx_run():
-    from qkvx.kernels.build import runner_path
+    from qkvx.native_build import runner_path
 
     return runner_path()
 

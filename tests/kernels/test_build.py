@@ -1,10 +1,8 @@
-"""qkvx.kernels.build: a missing tool is one line naming the Debian package to install."""
-
-import importlib
+"""qkvx.native_build: a missing tool is one line naming the Debian package to install."""
 
 import pytest
 
-kbuild = importlib.import_module("qkvx.kernels.build")  # the module (qkvx.kernels.build is the function)
+from qkvx import native_build as kbuild
 
 
 @pytest.mark.parametrize(

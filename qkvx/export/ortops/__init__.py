@@ -1,8 +1,9 @@
-"""qkvx's onnxruntime custom-op library: qkvx.CachedAttention (cached_attention.cc).
+"""qkvx's onnxruntime custom-op library: qkvx.CachedAttention (csrc/ortops/cached_attention.cpp,
+over the attention kernels of the .pte, csrc/src).
 
-The library is compiled from source on first use (g++, a few seconds) into a cache directory keyed
-by the source, the flags and the headers, and loaded into a session with
-SessionOptions.register_custom_ops_library. It needs onnxruntime's C/C++ API headers
+The library is built from source on first use (CMake, csrc's target qkvx_ortops) into a cache
+directory keyed by the sources and the headers (qkvx.native_build.build_ortops), and loaded into a
+session with SessionOptions.register_custom_ops_library. It needs onnxruntime's C/C++ API headers
 (onnxruntime_c_api.h, onnxruntime_cxx_api.h), which the onnxruntime wheel does not ship. Looked
 for, in order: $QKVX_ORT_INCLUDE, /usr/include/onnxruntime (Debian's libonnxruntime-dev), the
 cache; else fetched: Debian's libonnxruntime-dev (trixie, 1.21) is downloaded with apt-get into a
@@ -15,23 +16,16 @@ custom op uses the C API of version 21; onnxruntime keeps older API versions, so
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from qkvx.errors import QkvxError
-from qkvx.util import cpu_flags
 
 DOMAIN, OP = "qkvx", "CachedAttention"
-SOURCE = Path(__file__).with_name("cached_attention.cc")
 HEADER = "onnxruntime_cxx_api.h"
 DEBIAN_SUITE, DEBIAN_PACKAGE = "trixie", "libonnxruntime-dev"
-# -march=native: the library is built on the machine that runs it (the cache key includes the host)
-# -ffast-math: vectorized dot products and exp (glibc's libmvec); the kernel keeps every value
-# finite (a masked score is -FLT_MAX, not -inf), as -ffinite-math-only assumes.
-CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fvisibility=hidden"]
 
 
 def cache_dir() -> Path:
@@ -115,28 +109,10 @@ def fetch_headers() -> Path:
 
 
 def library_path(fetch: bool = True) -> Path:
-    """The built custom-op library (built now if this source, these headers and flags have not been)."""
-    inc = include_dir(fetch)
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise QkvxError("no C++ compiler (g++) to build qkvx's onnxruntime custom op")
-    key = hashlib.sha256(
-        SOURCE.read_bytes()
-        + (inc / "onnxruntime_c_api.h").read_bytes()
-        + " ".join([cxx, *CXXFLAGS, os.uname().machine, " ".join(cpu_flags())]).encode()
-    ).hexdigest()[:16]
-    lib = cache_dir() / key / "libqkvx_ortops.so"
-    if lib.is_file():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run(
-        [cxx, *CXXFLAGS, f"-I{inc}", str(SOURCE), "-o", str(tmp)], capture_output=True, text=True
-    )
-    if r.returncode:
-        raise QkvxError(f"building qkvx's onnxruntime custom op failed:\n{r.stderr.strip()[-2000:]}")
-    tmp.replace(lib)  # atomic: parallel builders (test workers) each write their own file
-    return lib
+    """The built custom-op library (built now if this source tree and these headers have not been)."""
+    from qkvx.native_build import build_ortops
+
+    return build_ortops(include_dir(fetch))
 
 
 def uses_custom_ops(model_path: str | Path) -> bool:
