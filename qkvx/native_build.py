@@ -152,7 +152,6 @@ def build_ortops(ort_include: Path, jobs: int = 2) -> Path:
         f"-DQKVX_ORT_INCLUDE={ort_include}",
         "-DQKVX_WITH_EXECUTORCH=OFF",
         "-DQKVX_USE_THREADPOOL=OFF",  # onnxruntime's threads split the work
-        "-DQKVX_LIBRARY_TYPE=STATIC",
         "-DQKVX_BUILD_TESTS=OFF",
         "-DQKVX_BUILD_RUNNER=OFF",
         f"-DCMAKE_CXX_COMPILER={compiler}",

@@ -23,6 +23,7 @@ LAYERS = [
         "corpus",
         "tokenizer",
         "textdata",
+        "native_build",
     },
     {"models"},
     {"loaders", "quant", "decode", "kernels"},

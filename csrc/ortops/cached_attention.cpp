@@ -20,9 +20,9 @@
 // keys are rotated as in the HF Llama convention (rotate_half over the two halves of D). Query
 // head h = g * R + r (R = H / G) reads kv head g.
 //
-// Per batch row the mask becomes key spans for qkvx::attend_spans: each run of unmasked rows
-// (read by every query row up to its own slot; positions inside a run rise by one a row), and a
-// one-row span per masked new token, read by that token's query rows only. Padding is never read.
+// Per batch row the mask becomes key spans (qkvx::spans_from_mask) for qkvx::attend_spans: each
+// run of real tokens, and a one-row span per masked new token, read by that token's query rows
+// only. Padding is never read.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -138,23 +138,8 @@ struct Kernel {
     std::vector<qkvx::KeySpan> spans;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t* mb = mask + b * S;
-      spans.clear();
-      int64_t cum = 0;
-      for (int64_t j = 0; j < S; ++j) {
-        cum += mb[j];
-        const int64_t pos = std::max<int64_t>(cum - 1, 0);
-        if (cos && pos >= max_pos) fail("a key position exceeds the rotary tables");
-        if (mb[j] != 0) {
-          if (!spans.empty() && spans.back().end == j && spans.back().m_end == M && spans.back().m_begin == 0 &&
-              spans.back().pos0 + (j - spans.back().begin) == pos) {
-            spans.back().end = j + 1;  // the run goes on
-          } else {
-            spans.push_back({j, j + 1, pos, 0, M});
-          }
-        } else if (j >= P) {  // a masked new token: seen by its own query rows only
-          spans.push_back({j, j + 1, pos, (j - P) * R, (j - P + 1) * R});
-        }
-      }
+      const qkvx::Status spans_ok = qkvx::spans_from_mask(mb, S, T, R, max_pos, spans);
+      if (!spans_ok.ok()) fail(spans_ok.message);
       qkvx::SpanAttention a;
       a.q = query.GetTensorData<float>() + b * T * H * D;
       a.k = present_k + b * G * S * D;
@@ -169,8 +154,8 @@ struct Kernel {
       a.n_spans = static_cast<int64_t>(spans.size());
       a.out = out + b * T * H * D;
       a.pool = &pool;
-      const qkvx::Status st = qkvx::attend_spans(a);
-      if (!st.ok()) fail(st.message);
+      const qkvx::Status attended = qkvx::attend_spans(a);
+      if (!attended.ok()) fail(attended.message);
     }
   }
 

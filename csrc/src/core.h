@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "qkvx/kernels.h"
 
@@ -91,6 +92,14 @@ struct SpanAttention {
 };
 // A query row no span lets see any key gets zeros.
 Status attend_spans(const SpanAttention& a);
+
+// The spans of one sequence of S = P + T slots under a padding mask [S] (nonzero = real token),
+// T queries at slots P .. S - 1, R query rows per token: query t sees key j iff (j <= P + t and
+// mask[j]) or j = P + t, and key j's rotary position is max(cumsum(mask)[j] - 1, 0). Each run of
+// real tokens is one span for every query row (positions rise by one a row inside it); a masked new
+// token is a one-row span for its own query rows. Fails when a position reaches max_pos (> 0).
+Status spans_from_mask(const int64_t* mask, int64_t S, int64_t T, int64_t R, int64_t max_pos,
+                       std::vector<KeySpan>& spans);
 
 // Runtime knobs (process-wide).
 // "portable" | "avx2" | "avx512" | "neon": the best path at most this one (usable on this CPU);

@@ -230,6 +230,7 @@ int main() {
   tu::run_attend_tests();
   tu::run_update_tests();
   tu::run_error_tests();
+  tu::run_span_tests();
   std::printf("%d passed, %d failed\n", tu::passed(), tu::failed());
   return tu::failed() == 0 ? 0 : 1;
 }

@@ -23,35 +23,55 @@ std::vector<double> attend(const std::vector<float>& q, int64_t T, int64_t H, in
                            const Cache& k, const Cache* v, int64_t G, int64_t S,
                            const std::vector<float>* cos, const std::vector<float>* sin,
                            int64_t start_pos) {
+  return attend_masked(q, T, H, D, k, v, G, S, cos, sin, start_pos,
+                       std::vector<int64_t>(static_cast<size_t>(start_pos + T), 1),
+                       1.0 / std::sqrt(static_cast<double>(D)));
+}
+
+std::vector<double> attend_masked(const std::vector<float>& q, int64_t T, int64_t H, int64_t D,
+                                  const Cache& k, const Cache* v, int64_t G, int64_t S,
+                                  const std::vector<float>* cos, const std::vector<float>* sin,
+                                  int64_t start_pos, const std::vector<int64_t>& mask, double scale) {
   std::vector<double> out(static_cast<size_t>(T * H * D), 0.0);
   const int64_t R = H / G;
+  std::vector<int64_t> position(mask.size());
+  int64_t cum = 0;
+  for (size_t s = 0; s < mask.size(); ++s) {
+    cum += mask[s];
+    position[s] = cum - 1 > 0 ? cum - 1 : 0;
+  }
   for (int64_t t = 0; t < T; ++t) {
     const int64_t last = start_pos + t;
     for (int64_t h = 0; h < H; ++h) {
       const int64_t g = h / R;
-      std::vector<double> score(static_cast<size_t>(last + 1));
+      std::vector<int64_t> seen;
       for (int64_t s = 0; s <= last; ++s) {
+        if (mask[s] != 0 || s == last) seen.push_back(s);
+      }
+      std::vector<double> score(seen.size());
+      for (size_t i = 0; i < seen.size(); ++i) {
+        const int64_t s = seen[i];
         double dot = 0.0;
         for (int64_t d = 0; d < D; ++d) {
           double key = k.at(g, s, d, S, D);
           if (cos != nullptr) {
             const int64_t half = D / 2;
             const double partner = d < half ? -k.at(g, s, d + half, S, D) : k.at(g, s, d - half, S, D);
-            const int64_t i = s * half + d % half;  // half tables [P][D/2]
-            key = key * (*cos)[i] + partner * (*sin)[i];
+            const int64_t r = position[s] * half + d % half;  // half tables [P][D/2]
+            key = key * (*cos)[r] + partner * (*sin)[r];
           }
           dot += static_cast<double>(q[(t * H + h) * D + d]) * key;
         }
-        score[s] = dot / std::sqrt(static_cast<double>(D));
+        score[i] = dot * scale;
       }
       double mx = score[0];
       for (double x : score) mx = x > mx ? x : mx;
       double total = 0.0;
       for (double& x : score) total += (x = std::exp(x - mx));
-      for (int64_t s = 0; s <= last; ++s) {
-        const double p = score[s] / total;
+      for (size_t i = 0; i < seen.size(); ++i) {
+        const double p = score[i] / total;
         for (int64_t d = 0; d < D; ++d) {
-          const double val = v != nullptr ? v->at(g, s, d, S, D) : k.at(g, s, d, S, D);
+          const double val = v != nullptr ? v->at(g, seen[i], d, S, D) : k.at(g, seen[i], d, S, D);
           out[(t * H + h) * D + d] += p * val;
         }
       }

@@ -27,4 +27,12 @@ std::vector<double> attend(const std::vector<float>& q, int64_t T, int64_t H, in
                            const std::vector<float>* cos, const std::vector<float>* sin,
                            int64_t start_pos);
 
+// As attend, under a padding mask [start_pos + T] (nonzero = real token), with the given softmax
+// scale: query t sees key s iff (s <= start_pos + t and mask[s]) or s == start_pos + t, and key s is
+// rotated with position max(cumsum(mask)[s] - 1, 0). Rows no query sees may hold anything.
+std::vector<double> attend_masked(const std::vector<float>& q, int64_t T, int64_t H, int64_t D,
+                                  const Cache& k, const Cache* v, int64_t G, int64_t S,
+                                  const std::vector<float>* cos, const std::vector<float>* sin,
+                                  int64_t start_pos, const std::vector<int64_t>& mask, double scale);
+
 }  // namespace ref

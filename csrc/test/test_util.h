@@ -44,5 +44,6 @@ struct Rng {
 void run_attend_tests();
 void run_update_tests();
 void run_error_tests();
+void run_span_tests();
 
 }  // namespace tu

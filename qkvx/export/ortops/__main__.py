@@ -8,5 +8,6 @@ from qkvx.export.ortops import library_path
 
 try:
     print(library_path())
-except QkvxError as e:
-    sys.exit(str(e))
+except QkvxError as e:  # one line, exit 2: what to install or set
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
