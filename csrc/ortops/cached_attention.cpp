@@ -22,7 +22,9 @@
 //
 // Per batch row the mask becomes key spans (qkvx::spans_from_mask) for qkvx::attend_spans: each
 // run of real tokens, and a one-row span per masked new token, read by that token's query rows
-// only. Padding is never read.
+// only; padding is never attended. Past rows are read from the past input, and each tile's rows
+// are copied into the present just before the kernel reads them: one read of the past serves the
+// copy and the attention, and the present is written around the cache.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -36,6 +38,9 @@
 #include <string>
 #include <thread>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "core.h"
 
@@ -59,19 +64,55 @@ void ort_parallel(void* kctx, int64_t n, void (*fn)(void*, int64_t, int64_t), vo
       static_cast<size_t>(n), 0, &item);
 }
 
-// present [G, P + T, D] of one batch row: the past plane, then the new rows of each kv head.
-struct CopyJob {
+// Copies n floats; with non-temporal stores where both ends allow: the present is written once
+// and not read back here, so its lines need not be fetched into the cache first.
+void copy_floats(float* dst, const float* src, int64_t n) {
+#if defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// The presents of one batch row [G, S, D] and where their rows come from: rows < P from the past
+// planes [G, P, D], rows >= P from the new rows [T, G, D].
+struct Presents {
   int64_t G, P, T, D;
-  const float *past, *added;
-  float* present;
+  const float *past_k, *past_v, *new_k, *new_v;  // past_v / new_v null for K=V
+  float *present_k, *present_v;
+
+  void copy_past(int64_t g, int64_t r0, int64_t n) const {
+    const int64_t S = P + T;
+    copy_floats(present_k + (g * S + r0) * D, past_k + (g * P + r0) * D, n * D);
+    if (present_v) copy_floats(present_v + (g * S + r0) * D, past_v + (g * P + r0) * D, n * D);
+  }
+  void copy_new() const {
+    const int64_t S = P + T;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t t = 0; t < T; ++t) {
+        std::memcpy(present_k + (g * S + P + t) * D, new_k + (t * G + g) * D, D * sizeof(float));
+        if (present_v) std::memcpy(present_v + (g * S + P + t) * D, new_v + (t * G + g) * D, D * sizeof(float));
+      }
+    }
+  }
 };
-void copy_plane(void* p, size_t i) {
-  const CopyJob& c = *static_cast<const CopyJob*>(p);
-  const int64_t g = static_cast<int64_t>(i) % c.G, b = static_cast<int64_t>(i) / c.G, S = c.P + c.T;
-  float* dst = c.present + (b * c.G + g) * S * c.D;
-  std::memcpy(dst, c.past + (b * c.G + g) * c.P * c.D, c.P * c.D * sizeof(float));
-  for (int64_t t = 0; t < c.T; ++t)
-    std::memcpy(dst + (c.P + t) * c.D, c.added + ((b * c.T + t) * c.G + g) * c.D, c.D * sizeof(float));
+
+// before_tile: the tile's past rows go to the present as the kernel is about to read them.
+void copy_tile(void* ctx, int64_t g, int64_t r0, int64_t rows) {
+  const Presents& pr = *static_cast<const Presents*>(ctx);
+  if (r0 >= pr.P) return;  // new rows: copied before the attention
+  pr.copy_past(g, r0, std::min(rows, pr.P - r0));
+  store_fence();
 }
 
 struct Kernel {
@@ -122,13 +163,6 @@ struct Kernel {
       if (ctx.GetOutputCount() < 3) fail("separate values need the present_value output");
       present_v = ctx.GetOutput(2, present_shape).GetTensorMutableData<float>();
     }
-    CopyJob ck{G, P, T, D, past_k.GetTensorData<float>(), new_k.GetTensorData<float>(), present_k};
-    ctx.ParallelFor(copy_plane, static_cast<size_t>(B * G), 0, &ck);
-    if (past_v) {
-      CopyJob cv{G, P, T, D, past_v.GetTensorData<float>(), new_v.GetTensorData<float>(), present_v};
-      ctx.ParallelFor(copy_plane, static_cast<size_t>(B * G), 0, &cv);
-    }
-
     qkvx::Pool pool;
     pool.run = ort_parallel;
     pool.pool = &ctx;
@@ -140,10 +174,26 @@ struct Kernel {
       const int64_t* mb = mask + b * S;
       const qkvx::Status spans_ok = qkvx::spans_from_mask(mb, S, T, R, max_pos, spans);
       if (!spans_ok.ok()) fail(spans_ok.message);
+      const Presents pr{G,
+                        P,
+                        T,
+                        D,
+                        past_k.GetTensorData<float>() + b * G * P * D,
+                        past_v ? past_v.GetTensorData<float>() + b * G * P * D : nullptr,
+                        new_k.GetTensorData<float>() + b * T * G * D,
+                        past_v ? new_v.GetTensorData<float>() + b * T * G * D : nullptr,
+                        present_k + b * G * S * D,
+                        present_v ? present_v + b * G * S * D : nullptr};
+      pr.copy_new();
       qkvx::SpanAttention a;
       a.q = query.GetTensorData<float>() + b * T * H * D;
-      a.k = present_k + b * G * S * D;
-      a.v = present_v ? present_v + b * G * S * D : a.k;
+      a.k = pr.present_k;
+      a.v = present_v ? pr.present_v : a.k;
+      a.k_past = pr.past_k;
+      a.v_past = past_v ? pr.past_v : a.k_past;
+      a.past_rows = P;
+      a.before_tile = copy_tile;
+      a.tile_ctx = const_cast<Presents*>(&pr);
       a.cos = cos ? cos.GetTensorData<float>() : nullptr;
       a.sin = sin ? sin.GetTensorData<float>() : nullptr;
       a.table_stride = D / 2;
@@ -156,6 +206,14 @@ struct Kernel {
       a.pool = &pool;
       const qkvx::Status attended = qkvx::attend_spans(a);
       if (!attended.ok()) fail(attended.message);
+      // the past rows no span read (padding) still belong in the present
+      int64_t next = 0;  // spans come in row order
+      for (const qkvx::KeySpan& sp : spans) {
+        for (int64_t g = 0; g < G && sp.begin > next && next < P; ++g) pr.copy_past(g, next, std::min(sp.begin, P) - next);
+        next = std::max(next, sp.end);
+      }
+      for (int64_t g = 0; g < G && next < P; ++g) pr.copy_past(g, next, P - next);
+      store_fence();
     }
   }
 

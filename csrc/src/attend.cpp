@@ -36,6 +36,8 @@ constexpr int64_t kChunksPerThread = 4;
 // With RoPE a tile visits every kv head over the same positions, so its cos/sin rows are read
 // from memory once and from L2 for the other heads: the tile's table rows fit this budget.
 constexpr int64_t kRopeTileTableBytes = 256 * 1024;
+// Rows per tile when a before_tile hook touches them first (K and V rows of one head: L2-sized).
+constexpr int64_t kHookTileRows = 512;
 int64_t elem_bytes(int32_t dtype) {
   return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
 }
@@ -167,6 +169,9 @@ void for_span_pieces(const SpanAttention& a, int64_t c0, int64_t c1, const F& f)
 Status attend_spans(const SpanAttention& a) {
   const int64_t T = a.T, H = a.H, D = a.D, G = a.G, S = a.S;
   if (T == 0) return Status{};
+  if (a.past_rows > 0 && (a.k_past == nullptr || a.v_past == nullptr || a.k_scale != nullptr)) {
+    return fail(QKVX_INVALID_ARGUMENT, "qkvx::attend_spans: past planes need k_past, v_past and no scales");
+  }
   const int64_t R = H / G, M = R * T;
   const bool shared = a.v == a.k, rope = a.cos != nullptr;
   const TileKernel kernel = choose_kernel(D, rope);
@@ -187,7 +192,9 @@ Status attend_spans(const SpanAttention& a) {
   }
   const int64_t n_chunks = n_rows > 0 ? ceil_div(n_rows, chunk) : 0;
   const int64_t rope_rows = kRopeTileTableBytes / (D * static_cast<int64_t>(sizeof(float)));  // D/2 each
-  const int64_t tile_rows = rope ? (rope_rows > 256 ? rope_rows : 256) : chunk;
+  int64_t tile_rows = rope ? (rope_rows > 256 ? rope_rows : 256) : chunk;
+  // A before_tile hook reads the tile's rows just before the kernel does: keep them in L2.
+  if (a.before_tile && tile_rows > kHookTileRows) tile_rows = kHookTileRows;
 
   // Queries regrouped per kv head and pre-scaled: qg [G][M][D].
   // Per chunk state: acc [G][M][D], then max [G][M], then sum [G][M].
@@ -213,6 +220,8 @@ Status attend_spans(const SpanAttention& a) {
   const int64_t eb = elem_bytes(a.dtype), ts = a.table_stride;
   const char* kbase = static_cast<const char*>(a.k);
   const char* vbase = static_cast<const char*>(a.v);
+  const char* pk = static_cast<const char*>(a.k_past);
+  const char* pv = static_cast<const char*>(a.v_past);
   std::atomic<bool> oom{false};
 
   auto run_chunks = [&](int64_t c_begin, int64_t c_end) {
@@ -226,14 +235,18 @@ Status attend_spans(const SpanAttention& a) {
       for_span_pieces(a, c * chunk, std::min(n_rows, (c + 1) * chunk),
                       [&](const KeySpan& sp, int64_t first, int64_t len) {
         const int64_t mb = sp.m_begin, mrows = sp.m_end - sp.m_begin;
-        for (int64_t r0 = first; r0 < first + len; r0 += tile_rows) {
-          const int64_t rows = std::min(first + len - r0, tile_rows);
+        for (int64_t r0 = first, rows = 0; r0 < first + len; r0 += rows) {
+          rows = std::min(first + len - r0, tile_rows);
+          if (r0 < a.past_rows) rows = std::min(rows, a.past_rows - r0);  // one source per tile
           const int64_t pos = sp.pos0 + (r0 - sp.begin);  // rotary table row of r0
+          const bool past = r0 < a.past_rows;
           for (int64_t g = 0; g < G; ++g) {
+            if (a.before_tile) a.before_tile(a.tile_ctx, g, r0, rows);
             Tile t;
             const int64_t row = g * S + r0;  // first row of the tile in this head plane
-            t.k = kbase + row * D * eb;
-            t.v = vbase + row * D * eb;
+            const int64_t prow = g * a.past_rows + r0;  // ... in the past plane
+            t.k = past ? pk + prow * D * eb : kbase + row * D * eb;
+            t.v = past ? pv + prow * D * eb : vbase + row * D * eb;
             t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
             t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
             t.cos = rope ? a.cos + pos * ts : nullptr;

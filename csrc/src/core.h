@@ -89,6 +89,16 @@ struct SpanAttention {
   int64_t n_spans = 0;
   float* out = nullptr;
   const Pool* pool = nullptr;  // null: qkvx's own (ExecuTorch's threadpool when built with it)
+  // Rows below past_rows are read from k_past / v_past [G, past_rows, D] (fp32 / fp16, v_past ==
+  // k_past for K=V) instead of k / v: the onnxruntime op reads its past input while it writes the
+  // present. Tiles never straddle past_rows.
+  const void* k_past = nullptr;
+  const void* v_past = nullptr;
+  int64_t past_rows = 0;
+  // Called right before the tile kernel reads rows [row0, row0 + rows) of kv head g, on the
+  // thread that runs it (the onnxruntime op copies them into its present: read once, used twice).
+  void (*before_tile)(void* ctx, int64_t g, int64_t row0, int64_t rows) = nullptr;
+  void* tile_ctx = nullptr;
 };
 // A query row no span lets see any key gets zeros.
 Status attend_spans(const SpanAttention& a);

@@ -2,6 +2,7 @@
 // attend_spans against ref::attend_masked, on every path this CPU has, with chunk edges forced
 // inside the spans and through a caller's pool. Masked rows hold NaN (cache, scales and their
 // rotary rows are never read when masked), so reading one shows up as a NaN output.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -49,6 +50,36 @@ const void* data_of(const ref::Cache& c) {
                                  : static_cast<const void*>(c.i8.data());
 }
 
+// The cache's rows below P moved into separate past planes [G, P, D] (what the onnxruntime op
+// reads), the originals overwritten with NaN: reading a row < P from the present is a NaN output.
+struct SplitPast {
+  ref::Cache present, past;
+  std::vector<int> visits;  // [G][P]: before_tile calls per past row
+};
+
+SplitPast split_past(const ref::Cache& c, int64_t G, int64_t S, int64_t P, int64_t D) {
+  SplitPast sp{c, c, std::vector<int>(G * P, 0)};
+  const size_t n = static_cast<size_t>(G * P * D);
+  sp.past.f32.assign(n, 0.0f);
+  sp.past.f16.assign(n, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t r = 0; r < P * D; ++r) {
+      sp.past.f32[g * P * D + r] = c.f32[g * S * D + r], sp.present.f32[g * S * D + r] = kNaN;
+      sp.past.f16[g * P * D + r] = c.f16[g * S * D + r], sp.present.f16[g * S * D + r] = 0x7e00;
+    }
+  }
+  return sp;
+}
+
+struct Visits {
+  std::vector<int>* k;
+  int64_t P;
+};
+void count_visit(void* ctx, int64_t g, int64_t r0, int64_t rows) {
+  const Visits& v = *static_cast<const Visits*>(ctx);
+  for (int64_t r = r0; r < r0 + rows && r < v.P; ++r) ++(*v.k)[g * v.P + r];
+}
+
 // A pool that runs the items last to first on the calling thread: the result may not depend on
 // the order chunks complete in.
 void reverse_pool(void*, int64_t n, void (*fn)(void*, int64_t, int64_t), void* ctx) {
@@ -86,17 +117,33 @@ void check_mask_case(const MaskCase& c) {
   qkvx::Pool pool;
   pool.run = reverse_pool;
   pool.threads = 3;
+  // Past planes (no int8: the onnxruntime op's caches are fp32): every real past row is handed to
+  // before_tile exactly once, padding never.
+  const bool splittable = c.dtype != QKVX_INT8;
+  SplitPast ks = split_past(k, c.G, S, c.P, c.D), vs = split_past(c.shared ? k : v, c.G, S, c.P, c.D);
   for (const char* path : {"portable", "avx2", "avx512", "neon"}) {
     if (qkvx_force_simd_path(path) != QKVX_OK) continue;
     for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(13)}) {
       const qkvx::Pool* pools[] = {nullptr, &pool};
-      for (const qkvx::Pool* p : pools) {
+      for (int split = 0; split < (splittable ? 3 : 2); ++split) {
+        const qkvx::Pool* p = pools[split % 2];
         const int64_t prev = qkvx_set_chunk_rows(chunk);
         std::vector<float> out(c.T * c.H * c.D, kNaN);
         qkvx::SpanAttention a;
         a.q = q.data();
         a.k = data_of(k);
         a.v = c.shared ? a.k : data_of(v);
+        Visits visits{&ks.visits, c.P};
+        if (split == 2) {
+          std::fill(ks.visits.begin(), ks.visits.end(), 0);
+          a.k = data_of(ks.present);
+          a.v = c.shared ? a.k : data_of(vs.present);
+          a.k_past = data_of(ks.past);
+          a.v_past = c.shared ? a.k_past : data_of(vs.past);
+          a.past_rows = c.P;
+          a.before_tile = count_visit;
+          a.tile_ctx = &visits;
+        }
         a.k_scale = c.dtype == QKVX_INT8 ? k.scale.data() : nullptr;
         a.v_scale = c.dtype == QKVX_INT8 ? (c.shared ? k.scale.data() : v.scale.data()) : nullptr;
         a.cos = c.rope ? cos.data() : nullptr;
@@ -118,10 +165,17 @@ void check_mask_case(const MaskCase& c) {
           if (!(d <= e)) e = d;  // NaN propagates as failure
         }
         const double tol = c.dtype == QKVX_FLOAT32 ? 1e-5 : 3e-5;
-        CHECK(st.ok() && e <= tol, "masked: T=%lld H=%lld G=%lld P=%lld D=%lld dtype %d %s%s %s chunk %lld %s: |d| %.3g",
+        CHECK(st.ok() && e <= tol, "masked: T=%lld H=%lld G=%lld P=%lld D=%lld dtype %d %s%s %s chunk %lld %s%s: |d| %.3g",
               (long long)c.T, (long long)c.H, (long long)c.G, (long long)c.P, (long long)c.D, c.dtype,
               c.shared ? "K=V" : "K,V", c.rope ? " rope" : "", path, (long long)chunk,
-              p ? "reverse pool" : "own pool", e);
+              p ? "reverse pool" : "own pool", split == 2 ? ", past planes" : "", e);
+        if (split == 2) {
+          bool once = true;
+          for (int64_t g = 0; g < c.G; ++g)
+            for (int64_t r = 0; r < c.P; ++r) once = once && ks.visits[g * c.P + r] == (mask[r] != 0 ? 1 : 0);
+          CHECK(once, "before_tile: each real past row once, padding never (P=%lld chunk %lld)", (long long)c.P,
+                (long long)chunk);
+        }
       }
     }
   }
@@ -142,6 +196,9 @@ void run_span_tests() {
       }
     }
   }
+  // No left padding (row 0 is real): a hole only, and no mask at all.
+  check_mask_case({1, 4, 2, 70, 64, QKVX_FLOAT32, true, true, {{20, 30}}, seed++});
+  check_mask_case({2, 4, 4, 70, 64, QKVX_FLOAT16, false, false, {}, seed++});
   // A sequence of padding only but the new token (each query sees just its own slot), no past.
   check_mask_case({1, 2, 1, 12, 16, QKVX_FLOAT32, true, true, {{0, 12}}, seed++});
   check_mask_case({3, 2, 2, 0, 16, QKVX_FLOAT32, true, true, {{0, 3}}, seed++});
