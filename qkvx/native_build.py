@@ -58,14 +58,17 @@ def _source_hash(*extra: str) -> str:
     return h.hexdigest()[:12]
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("QKVX_KERNELS_CACHE", Path.home() / ".cache" / "qkvx" / "kernels"))
+
+
 def build_dir(aarch64: bool = False, prefix: Path | None = None) -> Path:
     """Where build() puts (and the loader looks for) the library for this source tree."""
     if not CSRC.is_dir():
         raise KernelsBuildError(f"kernel sources not found at {CSRC} (a qkvx source checkout has csrc/)")
     prefix = prefix or executorch_prefix()
     arch = "aarch64" if aarch64 else platform.machine()
-    root = Path(os.environ.get("QKVX_KERNELS_CACHE", Path.home() / ".cache" / "qkvx" / "kernels"))
-    return root / f"{arch}-{_source_hash(str(prefix.resolve()), arch)}"
+    return _cache_root() / f"{arch}-{_source_hash(str(prefix.resolve()), arch)}"
 
 
 def _require(tool: str, package: str) -> str:
@@ -145,9 +148,8 @@ def build_ortops(ort_include: Path, jobs: int = 2) -> Path:
     the host, against the API headers in ort_include; built once per source tree and headers."""
     compiler = _require("g++", "g++")
     header = (ort_include / "onnxruntime_c_api.h").read_bytes()
-    root = Path(os.environ.get("QKVX_KERNELS_CACHE", Path.home() / ".cache" / "qkvx" / "kernels"))
     digest = hashlib.sha256(header).hexdigest()[:8]
-    bdir = root / f"ortops-{platform.machine()}-{_source_hash(str(ort_include.resolve()), digest)}"
+    bdir = _cache_root() / f"ortops-{platform.machine()}-{_source_hash(str(ort_include.resolve()), digest)}"
     configure = [
         f"-DQKVX_ORT_INCLUDE={ort_include}",
         "-DQKVX_WITH_EXECUTORCH=OFF",

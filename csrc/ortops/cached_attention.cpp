@@ -140,7 +140,7 @@ struct Kernel {
     const auto qs = shape_of(query), pks = shape_of(past_k), ks = shape_of(new_k), ms = shape_of(mask_in);
     if (qs.size() != 3 || pks.size() != 4 || ms.size() != 2) fail("query [B, T, H*D], past [B, G, P, D], mask [B, S]");
     const int64_t B = qs[0], T = qs[1], H = num_heads, G = kv_num_heads, P = pks[2], D = pks[3];
-    const int64_t S = P + T, R = H / G, M = T * R;
+    const int64_t S = P + T, R = H / G;
     if (D <= 0 || D % 2) fail("head_dim must be even");
     if (qs[2] != H * D || pks[0] != B || pks[1] != G) fail("query / past_key shapes disagree");
     int64_t kn = 1;
@@ -167,8 +167,6 @@ struct Kernel {
     pool.run = ort_parallel;
     pool.pool = &ctx;
     pool.threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    std::vector<int64_t> limit(M);
-    for (int64_t m = 0; m < M; ++m) limit[m] = P + m / R;
     std::vector<qkvx::KeySpan> spans;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t* mb = mask + b * S;
@@ -199,7 +197,7 @@ struct Kernel {
       a.table_stride = D / 2;
       a.T = T, a.H = H, a.G = G, a.S = S, a.D = D;
       a.scale = scale;
-      a.limit = limit.data();
+      a.start_pos = P;
       a.spans = spans.data();
       a.n_spans = static_cast<int64_t>(spans.size());
       a.out = out + b * T * H * D;
@@ -207,12 +205,12 @@ struct Kernel {
       const qkvx::Status attended = qkvx::attend_spans(a);
       if (!attended.ok()) fail(attended.message);
       // the past rows no span read (padding) still belong in the present
-      int64_t next = 0;  // spans come in row order
-      for (const qkvx::KeySpan& sp : spans) {
-        for (int64_t g = 0; g < G && sp.begin > next && next < P; ++g) pr.copy_past(g, next, std::min(sp.begin, P) - next);
-        next = std::max(next, sp.end);
-      }
-      for (int64_t g = 0; g < G && next < P; ++g) pr.copy_past(g, next, P - next);
+      int64_t next = 0;  // first past row not yet in the present (spans come in row order)
+      auto copy_gap = [&](int64_t end) {
+        for (int64_t g = 0; g < G && std::min(end, P) > next; ++g) pr.copy_past(g, next, std::min(end, P) - next);
+      };
+      for (const qkvx::KeySpan& sp : spans) copy_gap(sp.begin), next = std::max(next, sp.end);
+      copy_gap(P);
       store_fence();
     }
   }

@@ -127,12 +127,8 @@ Status attend(const AttendArgs& a) {
   s.T = a.q->sizes[1], s.H = a.q->sizes[2], s.D = a.q->sizes[3];
   s.G = a.k_cache->sizes[1], s.S = a.k_cache->sizes[2];
   if (s.T == 0) return st;
-  const int64_t R = s.H / s.G, M = R * s.T;
-  std::unique_ptr<int64_t[]> limit(new (std::nothrow) int64_t[M]);
-  if (!limit) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
-  for (int64_t m = 0; m < M; ++m) limit[m] = a.start_pos + m / R;
   KeySpan all;
-  all.end = a.start_pos + s.T, all.m_end = M;
+  all.end = a.start_pos + s.T, all.m_end = s.H / s.G * s.T;
   s.q = static_cast<const float*>(a.q->data);
   s.k = a.k_cache->data;
   s.v = a.v_cache ? a.v_cache->data : s.k;
@@ -143,7 +139,7 @@ Status attend(const AttendArgs& a) {
   s.table_stride = a.rope_cos ? a.rope_cos->sizes[1] : 0;  // HF's [P, D] tables: the first halves
   s.dtype = a.k_cache->dtype;
   s.scale = 1.0f / std::sqrt(static_cast<float>(s.D));
-  s.limit = limit.get();
+  s.start_pos = a.start_pos;
   s.spans = &all, s.n_spans = 1;
   s.out = static_cast<float*>(a.out->data);
   return attend_spans(s);
@@ -201,7 +197,9 @@ Status attend_spans(const SpanAttention& a) {
   const int64_t state_per_chunk = G * M * (D + 2);
   std::unique_ptr<float[]> qg(new (std::nothrow) float[G * M * D]);
   std::unique_ptr<float[]> state(new (std::nothrow) float[n_chunks * state_per_chunk + 1]);
-  if (!qg || !state) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
+  std::unique_ptr<int64_t[]> limit(new (std::nothrow) int64_t[M]);  // last slot row m sees
+  if (!qg || !state || !limit) return fail(QKVX_OUT_OF_MEMORY, "qkvx::attend: out of memory");
+  for (int64_t m = 0; m < M; ++m) limit[m] = a.start_pos + m / R;
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t m = 0; m < M; ++m) {
       const int64_t t = m / R, h = g * R + m % R;
@@ -258,7 +256,7 @@ Status attend_spans(const SpanAttention& a) {
             t.D = D;
             t.M = mrows;
             t.q = qg.get() + (g * M + mb) * D;
-            t.limit = a.limit + mb;
+            t.limit = limit.get() + mb;
             t.acc = s + (g * M + mb) * D;
             t.run_max = s + G * M * D + g * M + mb;
             t.run_sum = s + G * M * (D + 1) + g * M + mb;

@@ -70,8 +70,9 @@ struct Pool {
 };
 
 // One sequence of attention over explicit spans, on pointers the caller has checked. Shapes as
-// in AttendArgs without the batch: q / out [T, H, D] fp32, caches [G, S, D]; limit [M] (M = R * T,
-// row m = t * R + r is query head g * R + r at token t).
+// in AttendArgs without the batch: q / out [T, H, D] fp32, caches [G, S, D]; query t sits at slot
+// start_pos + t and reads span rows up to it (M = R * T query rows per kv head, row m = t * R + r is
+// query head g * R + r at token t).
 struct SpanAttention {
   const float* q = nullptr;
   const void* k = nullptr;
@@ -84,7 +85,7 @@ struct SpanAttention {
   int32_t dtype = QKVX_FLOAT32;
   int64_t T = 0, H = 0, G = 0, S = 0, D = 0;
   float scale = 0.0f;
-  const int64_t* limit = nullptr;
+  int64_t start_pos = 0;
   const KeySpan* spans = nullptr;
   int64_t n_spans = 0;
   float* out = nullptr;

@@ -72,19 +72,13 @@ Data make(const Case& c) {
   return d;
 }
 
-const void* cache_data(const ref::Cache& c) {
-  return c.dtype == QKVX_FLOAT32 ? static_cast<const void*>(c.f32.data())
-       : c.dtype == QKVX_FLOAT16 ? static_cast<const void*>(c.f16.data())
-                                 : static_cast<const void*>(c.i8.data());
-}
-
 // Runs the kernel; returns the output (empty on error).
 std::vector<float> run(const Case& c, const Data& d) {
   std::vector<float> out(c.T * c.H * c.D, kNaN);
   const std::vector<int64_t> cs{1, c.G, c.S, c.D}, ss{1, c.G, c.S, 1};
   qkvx_tensor q = view(d.q.data(), QKVX_FLOAT32, {1, c.T, c.H, c.D});
-  qkvx_tensor k = view(cache_data(d.k), c.dtype, cs);
-  qkvx_tensor v = view(cache_data(d.v), c.dtype, cs);
+  qkvx_tensor k = view(d.k.data(), c.dtype, cs);
+  qkvx_tensor v = view(d.v.data(), c.dtype, cs);
   qkvx_tensor ks = view(d.k.scale.data(), QKVX_FLOAT32, ss);
   qkvx_tensor vs = view(d.v.scale.data(), QKVX_FLOAT32, ss);
   const int64_t P = c.start_pos + c.T;

@@ -12,6 +12,12 @@ double half_value(uint16_t h) {
   return sign * std::ldexp(1.0 + m / 1024.0, e - 15);
 }
 
+const void* Cache::data() const {
+  return dtype == 6 ? static_cast<const void*>(f32.data())
+       : dtype == 5 ? static_cast<const void*>(f16.data())
+                    : static_cast<const void*>(i8.data());
+}
+
 double Cache::at(int64_t g, int64_t s, int64_t d, int64_t S, int64_t D) const {
   const int64_t i = (g * S + s) * D + d;
   if (dtype == 6) return f32[i];

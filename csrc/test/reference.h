@@ -17,6 +17,7 @@ struct Cache {
   std::vector<int8_t> i8;          // [G][S][D]
   std::vector<float> scale;        // [G][S] (int8)
   double at(int64_t g, int64_t s, int64_t d, int64_t S, int64_t D) const;  // dequantized
+  const void* data() const;  // the buffer of dtype, as the kernels take it
 };
 
 // out [T][H][D] = causal softmax(q k^T / sqrt(D)) v with query t at position start_pos + t,
