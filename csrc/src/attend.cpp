@@ -232,19 +232,29 @@ Status attend_spans(const SpanAttention& a) {
       float* s = state.get() + c * state_per_chunk;
       for_span_pieces(a, c * chunk, std::min(n_rows, (c + 1) * chunk),
                       [&](const KeySpan& sp, int64_t first, int64_t len) {
-        const int64_t mb = sp.m_begin, mrows = sp.m_end - sp.m_begin;
-        for (int64_t r0 = first, rows = 0; r0 < first + len; r0 += rows) {
-          rows = std::min(first + len - r0, tile_rows);
-          if (r0 < a.past_rows) rows = std::min(rows, a.past_rows - r0);  // one source per tile
+        const int64_t mb = sp.m_begin, mrows = sp.m_end - sp.m_begin, end = first + len;
+        auto rows_at = [&](int64_t r0) {  // rows of the tile starting at r0: one source per tile
+          const int64_t n = std::min(end - r0, tile_rows);
+          return r0 < a.past_rows ? std::min(n, a.past_rows - r0) : n;
+        };
+        auto k_at = [&](int64_t g, int64_t r0) {  // first key row of head g's tile at r0
+          return r0 < a.past_rows ? pk + (g * a.past_rows + r0) * D * eb : kbase + (g * S + r0) * D * eb;
+        };
+        auto v_at = [&](int64_t g, int64_t r0) {
+          return r0 < a.past_rows ? pv + (g * a.past_rows + r0) * D * eb : vbase + (g * S + r0) * D * eb;
+        };
+        for (int64_t r0 = first, rows = 0; r0 < end; r0 += rows) {
+          rows = rows_at(r0);
           const int64_t pos = sp.pos0 + (r0 - sp.begin);  // rotary table row of r0
-          const bool past = r0 < a.past_rows;
           for (int64_t g = 0; g < G; ++g) {
             if (a.before_tile) a.before_tile(a.tile_ctx, g, r0, rows);
             Tile t;
             const int64_t row = g * S + r0;  // first row of the tile in this head plane
-            const int64_t prow = g * a.past_rows + r0;  // ... in the past plane
-            t.k = past ? pk + prow * D * eb : kbase + row * D * eb;
-            t.v = past ? pv + prow * D * eb : vbase + row * D * eb;
+            t.k = k_at(g, r0);
+            t.v = v_at(g, r0);
+            // The tile this thread runs next: the next kv head's, or the first head's further on.
+            const int64_t ng = g + 1 < G ? g + 1 : 0, nr = g + 1 < G ? r0 : r0 + rows;
+            if (nr < end) t.next_k = k_at(ng, nr), t.next_v = v_at(ng, nr), t.next_rows = rows_at(nr);
             t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
             t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
             t.cos = rope ? a.cos + pos * ts : nullptr;

@@ -32,6 +32,11 @@ struct Tile {
   float* run_sum = nullptr;  // [M]
   float* acc = nullptr;      // [M][D], sum of softmax weight x value row, unnormalized
   float* scratch = nullptr;  // >= tile_scratch_floats(D)
+  // The tile the same thread runs next (its first next_rows rows), prefetched while this one ends
+  // so the next stream starts warm; null when there is none.
+  const void* next_k = nullptr;
+  const void* next_v = nullptr;
+  int64_t next_rows = 0;
 };
 
 // Floats of scratch one tile call needs: converted / rotated key and value rows of one block.

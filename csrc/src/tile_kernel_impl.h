@@ -42,7 +42,8 @@ struct StrideRows {
 // Cache rows are prefetched this many bytes ahead of the block being read: the compute between
 // loads keeps too few misses in flight for the memory latency, and a tile can be a short stream
 // (with RoPE, a few thousand rows of one head before the next head's) for the hardware prefetcher
-// to ramp up on. Prefetching stays inside the tile, so nothing past it is touched.
+// to ramp up on. Near its end a tile prefetches the first rows of the tile its thread runs next
+// (Tile::next_k), so each stream starts warm; nothing outside the two tiles is touched.
 constexpr int64_t kPrefetchBytes = 10 * 1024;
 
 // Vt::prefetch is an asm statement where it matters: GCC drops a loop of __builtin_prefetch
@@ -140,6 +141,16 @@ inline float exp_block(const float* sc, int n, float mx, float* w) {
   return Bt::sum8(w);
 }
 
+// x + sum_j wv[j] * v[j][d .. d+W-1] over the 8 rows of a full block, in two chains (half the
+// FMA latency); rows of VT.
+template <class Vt, int VT, class Rows>
+inline typename Vt::V block_axpy(typename Vt::V x, const typename Vt::V* wv, const Rows& v, int64_t d) {
+  auto y = Vt::mul(wv[0], ld<Vt, VT>(v[0], d));
+  for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), x);
+  for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), y);
+  return Vt::add(x, y);
+}
+
 // acc = acc * alpha (if rescale) + sum_j w[j] * v[j], over D columns, rows of VT; NV = kBlock
 // for a full block (unrolled, weights broadcast once), 0 for a partial one (nv rows).
 template <class Vt, int NV, int VT, class Rows>
@@ -152,10 +163,7 @@ inline void accumulate(float* acc, int64_t D, const float* w, const Rows& v, int
     for (int64_t d = 0; d < D; d += Vt::W) {
       auto x = Vt::load(acc + d);
       if (rescale) x = Vt::mul(x, a);
-      auto y = Vt::mul(wv[0], ld<Vt, VT>(v[0], d));  // two chains: half the FMA latency
-      for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), x);
-      for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), y);
-      Vt::store(acc + d, Vt::add(x, y));
+      Vt::store(acc + d, block_axpy<Vt, VT>(x, wv, v, d));
     }
     return;
   }
@@ -167,16 +175,14 @@ inline void accumulate(float* acc, int64_t D, const float* w, const Rows& v, int
   }
 }
 
-// Folds one block's scores sc (n rows; n == kBlock is the common, fully unrolled case) into query
-// row m's running (max, sum, acc). Value rows are of type VT: the cache dtype read directly, or
-// fp32 rows converted once for several query rows.
-template <class Vt, int DT, bool Full, int VT, class Rows>
-inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, const Rows& vrow,
-                       int64_t D) {
-  using Bt = typename Vt::Blk;
-  const int n = Full ? kBlock : nv;
+// Turns one block's scores sc (n rows; n == kBlock: all 8 visible, scales load as vectors) into
+// softmax weights w against the running max mx, updating mx and the running sum; int8 scales are
+// folded into scores and weights. Returns the factor earlier weights shrink by (1: max unchanged).
+template <class Bt, int DT, bool Full>
+inline float softmax_block(const Tile& t, int64_t b, int n, float* sc, float& mx, float& sum,
+                           float* w) {
   float bmax;
-  if (Full) {  // all 8 rows visible and inside the tile: scales load as vectors
+  if (Full) {
     if (DT == QKVX_INT8) {
       for (int j = 0; j < kBlock; j += Bt::W) {
         Bt::store(sc + j, Bt::mul(Bt::load(sc + j), Bt::load(t.k_scale + b + j)));
@@ -190,17 +196,13 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, c
     bmax = sc[0];
     for (int j = 1; j < n; ++j) bmax = std::max(bmax, sc[j]);
   }
-  float& mx = t.run_max[m];
-  bool rescale = false;
   float alpha = 1.0f;
   if (bmax > mx) {  // the running max moves: earlier weights shrink by exp(old - new)
     alpha = mx - bmax < kMinExponent ? 0.0f : std::exp(mx - bmax);
-    rescale = true;
     mx = bmax;
-    t.run_sum[m] *= alpha;
+    sum *= alpha;
   }
-  alignas(32) float w[kBlock];
-  t.run_sum[m] += exp_block<Bt, Full>(sc, n, mx, w);
+  sum += exp_block<Bt, Full>(sc, n, mx, w);
   if (DT == QKVX_INT8) {
     if (Full) {
       for (int j = 0; j < kBlock; j += Bt::W) {
@@ -210,7 +212,19 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, c
       for (int j = 0; j < n; ++j) w[j] *= t.v_scale[b + j];
     }
   }
-  accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, rescale, alpha);
+  return alpha;
+}
+
+// Folds one block's scores sc (n rows; n == kBlock is the common, fully unrolled case) into query
+// row m's running (max, sum, acc) in memory. Value rows are of type VT: the cache dtype read
+// directly, or fp32 rows converted once for several query rows.
+template <class Vt, int DT, bool Full, int VT, class Rows>
+inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, const Rows& vrow,
+                       int64_t D) {
+  const int n = Full ? kBlock : nv;
+  alignas(32) float w[kBlock];
+  const float alpha = softmax_block<typename Vt::Blk, DT, Full>(t, b, n, sc, t.run_max[m], t.run_sum[m], w);
+  accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, alpha != 1.0f, alpha);
 }
 
 // RoPE scores of rows b .. b+7 of the tile (rows of k), their tables' rows TS floats apart.
@@ -222,28 +236,46 @@ inline void rope_block_scores(const Tile& t, int64_t b, const Rows& k, float* sc
                          Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
 }
 
-// A full block of one query row (decode without GQA) read in place: rows b .. b+7 of the tile,
-// keys rotated in registers with RoPE; the row addresses are constant offsets from three bases.
-template <class Vt, int DT, int D>
-inline void direct_block(const Tile& t, int64_t b) {
+// One query row (decode without GQA), full blocks read in place, its running state (acc [D] as
+// D/W vectors, max, sum) held in registers for the whole tile rather than loaded and stored per
+// block. Returns the rows done: the leading full blocks whose 8 rows are all visible.
+template <class Vt, int DT, int D, class Prefetch>
+int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
+  using Bt = typename Vt::Blk;
+  constexpr int NV = D / Vt::W;
   constexpr int64_t rb = D * kElemBytes<DT>;
-  const int64_t visible = t.limit[0] - (t.row0 + b) + 1;  // causal: rows up to limit[0]
-  if (visible <= 0) return;
-  const StrideRows<rb> k{static_cast<const char*>(t.k) + b * rb};
-  const StrideRows<rb> v{static_cast<const char*>(t.v) + b * rb};
-  alignas(32) float sc[kBlock];
-  if (t.cos == nullptr) {
-    dot_block<Vt, DT>(t.q, k, D, sc);
-  } else if (t.table_stride == D / 2) {  // half tables [P, D/2]
-    rope_block_scores<Vt, DT, D, D / 2>(t, b, k, sc);
-  } else {  // HF's [P, D] tables: the first half of each row
-    rope_block_scores<Vt, DT, D, D>(t, b, k, sc);
+  const int64_t visible = std::min(t.rows, t.limit[0] - t.row0 + 1);  // causal: up to limit[0]
+  const int64_t n = visible > 0 ? visible / kBlock * kBlock : 0;
+  if (n == 0) return 0;
+  typename Vt::V acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = Vt::load(t.acc + i * Vt::W);
+  float mx = t.run_max[0], sum = t.run_sum[0];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    prefetch(b + ahead, b + ahead + kBlock);
+    const StrideRows<rb> k{static_cast<const char*>(t.k) + b * rb};
+    const StrideRows<rb> v{static_cast<const char*>(t.v) + b * rb};
+    alignas(32) float sc[kBlock];
+    if (t.cos == nullptr) {
+      dot_block<Vt, DT>(t.q, k, D, sc);
+    } else if (t.table_stride == D / 2) {  // half tables [P, D/2]
+      rope_block_scores<Vt, DT, D, D / 2>(t, b, k, sc);
+    } else {  // HF's [P, D] tables: the first half of each row
+      rope_block_scores<Vt, DT, D, D>(t, b, k, sc);
+    }
+    alignas(32) float w[kBlock];
+    const float alpha = softmax_block<Bt, DT, true>(t, b, kBlock, sc, mx, sum, w);
+    if (alpha != 1.0f) {
+      const auto a = Vt::set1(alpha);
+      for (int i = 0; i < NV; ++i) acc[i] = Vt::mul(acc[i], a);
+    }
+    typename Vt::V wv[kBlock];
+    for (int j = 0; j < kBlock; ++j) wv[j] = Vt::set1(w[j]);
+    for (int i = 0; i < NV; ++i) acc[i] = block_axpy<Vt, DT>(acc[i], wv, v, i * Vt::W);
   }
-  if (visible >= kBlock) {
-    fold_block<Vt, DT, true, DT>(t, 0, b, kBlock, sc, v, D);
-  } else {
-    fold_block<Vt, DT, false, DT>(t, 0, b, static_cast<int>(visible), sc, v, D);
-  }
+  for (int i = 0; i < NV; ++i) Vt::store(t.acc + i * Vt::W, acc[i]);
+  t.run_max[0] = mx;
+  t.run_sum[0] = sum;
+  return n;
 }
 
 // DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every
@@ -254,25 +286,30 @@ void tile_loop(const Tile& t) {
   float* kbuf = t.scratch;               // [8][D]: keys as fp32 (rotated with RoPE)
   float* vbuf = t.scratch + kBlock * D;  // [8][D]: values as fp32
   const bool shared = t.v == t.k, rope = t.cos != nullptr;
-  auto prefetch = [&](int64_t r0, int64_t r1) {
-    r1 = std::min(r1, t.rows);
-    if (r0 >= r1) return;
-    prefetch_rows<Vt, DT>(t.k, r0, r1, D);
-    if (!shared) prefetch_rows<Vt, DT>(t.v, r0, r1, D);
-  };
   const int64_t es = kElemBytes<DT>;
+  // Rows r0 .. r1-1 of this tile, continuing into the next tile's first rows past its end.
+  auto prefetch = [&](int64_t r0, int64_t r1) {
+    const int64_t e = std::min(r1, t.rows);
+    if (r0 < e) {
+      prefetch_rows<Vt, DT>(t.k, r0, e, D);
+      if (!shared) prefetch_rows<Vt, DT>(t.v, r0, e, D);
+    }
+    if (r1 <= t.rows || t.next_k == nullptr) return;
+    const int64_t n0 = std::max(r0, t.rows) - t.rows, n1 = std::min(r1 - t.rows, t.next_rows);
+    if (n0 >= n1) return;
+    prefetch_rows<Vt, DT>(t.next_k, n0, n1, D);
+    if (t.next_v != t.next_k) prefetch_rows<Vt, DT>(t.next_v, n0, n1, D);
+  };
   // One query row (decode without GQA) reads every row in the cache dtype as it goes, rotating
   // keys in registers; several query rows share rows converted (and rotated) to fp32 once.
   const bool direct = t.M == 1;
   const int64_t ahead = std::max<int64_t>(kBlock, kPrefetchBytes / (D * es));
   prefetch(0, ahead);
-  for (int64_t b = 0; b < t.rows; b += kBlock) {
+  int64_t b0 = 0;
+  if (DC != 0 && direct) b0 = direct_rows<Vt, DT, DC>(t, ahead, prefetch);
+  for (int64_t b = b0; b < t.rows; b += kBlock) {
     prefetch(b + ahead, b + ahead + kBlock);
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
-    if (DC != 0 && direct && nb == kBlock) {
-      direct_block<Vt, DT, DC>(t, b);
-      continue;
-    }
     const int64_t s0 = t.row0 + b;  // cache position of the block's first row
     const void* krow[kBlock];
     const void* vrow[kBlock];
