@@ -20,6 +20,22 @@ struct Avx512 {
   static V load_int8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  // Floats m .. m+15 past the 64-byte-aligned p (0 < m < 16): lanes m.. of p's line and lanes
+  // ..m-1 of the next, joined by one two-source permute. The masked-off lanes are not read, so
+  // nothing outside the row's own bytes is touched.
+  struct Shift {
+    __m512i idx;
+    __mmask16 first, second;
+  };
+  static Shift shift(int m) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return {_mm512_add_epi32(iota, _mm512_set1_epi32(m)), static_cast<__mmask16>(0xffffu << m),
+            static_cast<__mmask16>((1u << m) - 1u)};
+  }
+  static V load_shifted(const float* p, const Shift& s) {
+    return _mm512_permutex2var_ps(_mm512_maskz_load_ps(s.first, p), s.idx,
+                                  _mm512_maskz_load_ps(s.second, p + 16));
+  }
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }

@@ -7,11 +7,15 @@
 // lanes), store, set1, add, sub, mul, fma(a, b, c) = a * b + c, fnma(a, b, c) = c - a * b,
 // to_float(const uint16_t* half, float*, n), to_float(const int8_t*, float*, n) (n % W == 0),
 // prefetch(const char*) (one cache line), reduce8(const V acc[8], float out[8]) (horizontal sums).
+// Optionally (AVX-512) Shift, shift(m) and load_shifted(aligned p, Shift) = the W floats starting
+// m floats past the 64-byte-aligned p, read as whole aligned lines (ShiftedRows).
 // Vt::Blk is the traits struct of the block-of-8 operations (a W <= 8 one: Vt itself, or AVX2 under
 // AVX-512): load/store/mul/sub/set1 over 8 floats, max8 / sum8 (of 8 floats), and exp(V) for
 // arguments <= 0 that returns exactly 0 below kMinExponent.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "qkvx/kernels.h"
 #include "tile_kernel.h"
@@ -29,15 +33,39 @@ constexpr int64_t kElemBytes = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 :
 // rows converted into scratch), or consecutive rows of a head plane read in place, base + j * Bytes
 // with Bytes known at compile time. The second keeps three base pointers (keys, cos, sin) where
 // 24 row pointers would not fit the general-purpose registers and spill in the inner loop.
+// load<Vt, ET>(j, d): elements d .. d+W-1 of row j as fp32 lanes (ld below).
 struct PtrRows {
   const void* const* p;
   const void* operator[](int j) const { return p[j]; }
+  template <class Vt, int ET>
+  typename Vt::V load(int j, int64_t d) const;
 };
 template <int64_t Bytes>
 struct StrideRows {
   const char* base;
   const void* operator[](int j) const { return base + j * Bytes; }
+  template <class Vt, int ET>
+  typename Vt::V load(int j, int64_t d) const;
 };
+
+// fp32 rows that start m floats past a 64-byte boundary (Bytes a multiple of 64, so all rows of
+// a head plane share m), read as whole aligned lines joined by Vt::load_shifted. Where a vector is
+// a cache line (AVX-512) an unaligned load is split across two lines, and ExecuTorch's runtimes
+// place planned buffers, the caches among them, 16 bytes past a line: a RoPE K=V decode loop
+// over such a cache takes about 1.25x longer with plain loads.
+template <class Vt, int64_t Bytes>
+struct ShiftedRows {
+  const char* base;  // row 0, rounded down to its 64-byte line
+  typename Vt::Shift shift;
+  template <class, int>
+  typename Vt::V load(int j, int64_t d) const {
+    return Vt::load_shifted(reinterpret_cast<const float*>(base + j * Bytes) + d, shift);
+  }
+};
+template <class T, class = void>
+struct HasShiftedLoad : std::false_type {};
+template <class T>
+struct HasShiftedLoad<T, std::void_t<typename T::Shift>> : std::true_type {};
 
 // Cache rows are prefetched this many bytes ahead of the block being read: the compute between
 // loads keeps too few misses in flight for the memory latency, and a tile can be a short stream
@@ -93,6 +121,16 @@ inline typename Vt::V ld(const void* row, int64_t d) {
   return Vt::load_int8(static_cast<const int8_t*>(row) + d);
 }
 
+template <class Vt, int ET>
+typename Vt::V PtrRows::load(int j, int64_t d) const {
+  return ld<Vt, ET>(p[j], d);
+}
+template <int64_t Bytes>
+template <class Vt, int ET>
+typename Vt::V StrideRows<Bytes>::load(int j, int64_t d) const {
+  return ld<Vt, ET>(base + j * Bytes, d);
+}
+
 // out[j] = q . k[j] for the 8 rows of a block (padding rows point at a real row); rows of KT.
 template <class Vt, int KT, class Rows>
 inline void dot_block(const float* q, const Rows& k, int64_t D, float* out) {
@@ -100,7 +138,7 @@ inline void dot_block(const float* q, const Rows& k, int64_t D, float* out) {
   for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
   for (int64_t d = 0; d < D; d += Vt::W) {
     const auto qv = Vt::load(q + d);
-    for (int j = 0; j < kBlock; ++j) acc[j] = Vt::fma(qv, ld<Vt, KT>(k[j], d), acc[j]);
+    for (int j = 0; j < kBlock; ++j) acc[j] = Vt::fma(qv, k.template load<Vt, KT>(j, d), acc[j]);
   }
   Vt::reduce8(acc, out);
 }
@@ -117,7 +155,7 @@ inline void dot_block_rope(const float* q, const Rows& k, const TableRows& c, co
   for (int64_t i = 0; i < h; i += Vt::W) {
     const auto q1 = Vt::load(q + i), q2 = Vt::load(q + h + i);
     for (int j = 0; j < kBlock; ++j) {
-      const auto x1 = ld<Vt, KT>(k[j], i), x2 = ld<Vt, KT>(k[j], h + i);
+      const auto x1 = k.template load<Vt, KT>(j, i), x2 = k.template load<Vt, KT>(j, h + i);
       const auto cv = Vt::load(static_cast<const float*>(c[j]) + i);
       const auto sv = Vt::load(static_cast<const float*>(s[j]) + i);
       acc[j] = Vt::fma(q1, Vt::fnma(x2, sv, Vt::mul(x1, cv)), acc[j]);
@@ -145,9 +183,9 @@ inline float exp_block(const float* sc, int n, float mx, float* w) {
 // FMA latency); rows of VT.
 template <class Vt, int VT, class Rows>
 inline typename Vt::V block_axpy(typename Vt::V x, const typename Vt::V* wv, const Rows& v, int64_t d) {
-  auto y = Vt::mul(wv[0], ld<Vt, VT>(v[0], d));
-  for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), x);
-  for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], ld<Vt, VT>(v[j], d), y);
+  auto y = Vt::mul(wv[0], v.template load<Vt, VT>(0, d));
+  for (int j = 1; j < kBlock; j += 2) x = Vt::fma(wv[j], v.template load<Vt, VT>(j, d), x);
+  for (int j = 2; j < kBlock; j += 2) y = Vt::fma(wv[j], v.template load<Vt, VT>(j, d), y);
   return Vt::add(x, y);
 }
 
@@ -170,7 +208,7 @@ inline void accumulate(float* acc, int64_t D, const float* w, const Rows& v, int
   for (int64_t d = 0; d < D; d += Vt::W) {
     auto x = Vt::load(acc + d);
     if (rescale) x = Vt::mul(x, a);
-    for (int j = 0; j < nv; ++j) x = Vt::fma(Vt::set1(w[j]), ld<Vt, VT>(v[j], d), x);
+    for (int j = 0; j < nv; ++j) x = Vt::fma(Vt::set1(w[j]), v.template load<Vt, VT>(j, d), x);
     Vt::store(acc + d, x);
   }
 }
@@ -239,11 +277,11 @@ inline void rope_block_scores(const Tile& t, int64_t b, const Rows& k, float* sc
 // One query row (decode without GQA), full blocks read in place, its running state (acc [D] as
 // D/W vectors, max, sum) held in registers for the whole tile rather than loaded and stored per
 // block. Returns the rows done: the leading full blocks whose 8 rows are all visible.
-template <class Vt, int DT, int D, class Prefetch>
-int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
+// rows(base, b): the Rows of the block at tile row b of the plane at base.
+template <class Vt, int DT, int D, class Prefetch, class MakeRows>
+int64_t direct_rows_of(const Tile& t, int64_t ahead, const Prefetch& prefetch, const MakeRows& rows) {
   using Bt = typename Vt::Blk;
   constexpr int NV = D / Vt::W;
-  constexpr int64_t rb = D * kElemBytes<DT>;
   const int64_t visible = std::min(t.rows, t.limit[0] - t.row0 + 1);  // causal: up to limit[0]
   const int64_t n = visible > 0 ? visible / kBlock * kBlock : 0;
   if (n == 0) return 0;
@@ -252,8 +290,7 @@ int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
   float mx = t.run_max[0], sum = t.run_sum[0];
   for (int64_t b = 0; b < n; b += kBlock) {
     prefetch(b + ahead, b + ahead + kBlock);
-    const StrideRows<rb> k{static_cast<const char*>(t.k) + b * rb};
-    const StrideRows<rb> v{static_cast<const char*>(t.v) + b * rb};
+    const auto k = rows(t.k, b), v = rows(t.v, b);
     alignas(32) float sc[kBlock];
     if (t.cos == nullptr) {
       dot_block<Vt, DT>(t.q, k, D, sc);
@@ -276,6 +313,25 @@ int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
   t.run_max[0] = mx;
   t.run_sum[0] = sum;
   return n;
+}
+
+template <class Vt, int DT, int D, class Prefetch>
+int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
+  constexpr int64_t rb = D * kElemBytes<DT>;
+  if constexpr (DT == QKVX_FLOAT32 && HasShiftedLoad<Vt>::value && rb % 64 == 0) {
+    const auto off = reinterpret_cast<uintptr_t>(t.k) % 64;
+    if (off != 0 && off % 4 == 0 && reinterpret_cast<uintptr_t>(t.v) % 64 == off) {
+      const auto shift = Vt::shift(static_cast<int>(off / 4));
+      auto rows = [&](const void* base, int64_t b) {
+        return ShiftedRows<Vt, rb>{static_cast<const char*>(base) + b * rb - off, shift};
+      };
+      return direct_rows_of<Vt, DT, D>(t, ahead, prefetch, rows);
+    }
+  }
+  auto rows = [](const void* base, int64_t b) {
+    return StrideRows<rb>{static_cast<const char*>(base) + b * rb};
+  };
+  return direct_rows_of<Vt, DT, D>(t, ahead, prefetch, rows);
 }
 
 // DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every

@@ -2,6 +2,7 @@
 // Rows a call must not read (positions >= start_pos + T, rope rows >= P) hold NaN, so reading one
 // shows up as a NaN output. Prints "N passed, N failed"; exit status 1 on any failure.
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -72,13 +73,15 @@ Data make(const Case& c) {
   return d;
 }
 
-// Runs the kernel; returns the output (empty on error).
-std::vector<float> run(const Case& c, const Data& d) {
+// Runs the kernel; returns the output (empty on error). k_data / v_data: the caches' bytes placed
+// elsewhere (misaligned copies), else d's own buffers.
+std::vector<float> run(const Case& c, const Data& d, const void* k_data = nullptr,
+                       const void* v_data = nullptr) {
   std::vector<float> out(c.T * c.H * c.D, kNaN);
   const std::vector<int64_t> cs{1, c.G, c.S, c.D}, ss{1, c.G, c.S, 1};
   qkvx_tensor q = view(d.q.data(), QKVX_FLOAT32, {1, c.T, c.H, c.D});
-  qkvx_tensor k = view(d.k.data(), c.dtype, cs);
-  qkvx_tensor v = view(d.v.data(), c.dtype, cs);
+  qkvx_tensor k = view(k_data ? k_data : d.k.data(), c.dtype, cs);
+  qkvx_tensor v = view(v_data ? v_data : d.v.data(), c.dtype, cs);
   qkvx_tensor ks = view(d.k.scale.data(), QKVX_FLOAT32, ss);
   qkvx_tensor vs = view(d.v.scale.data(), QKVX_FLOAT32, ss);
   const int64_t P = c.start_pos + c.T;
@@ -130,6 +133,41 @@ void check_case(const Case& c, const char* what) {
           what, (long long)c.T, (long long)c.H, (long long)c.G, (long long)c.S, (long long)c.D,
           (long long)c.start_pos, dname(c.dtype), c.shared ? "K=V" : "K,V", c.rope ? " rope" : "",
           path, e, path, ep, tol);
+  }
+  qkvx_force_simd_path(nullptr);
+}
+
+// A cache's bytes copied to `offset` bytes past a 64-byte boundary, between bytes of 0xff (NaN as
+// fp32 and fp16): a kernel that reads outside the cache where it matters shows NaN.
+struct Placed {
+  std::vector<unsigned char> buf;
+  const void* data = nullptr;
+  Placed(const ref::Cache& c, int64_t nbytes, int64_t offset) : buf(nbytes + 256, 0xff) {
+    const auto base = reinterpret_cast<uintptr_t>(buf.data());
+    unsigned char* p = buf.data() + ((64 - base % 64) % 64) + 64 + offset;
+    std::memcpy(p, c.data(), nbytes);
+    data = p;
+  }
+};
+
+// The caches placed k_off / v_off bytes past a 64-byte line (ExecuTorch's planned buffers sit 16
+// bytes past one): every path against the reference.
+void check_misaligned(const Case& c, int64_t k_off, int64_t v_off) {
+  const Data d = make(c);
+  const std::vector<double> want =
+      ref::attend(d.q, c.T, c.H, c.D, d.k, c.shared ? nullptr : &d.v, c.G, c.S,
+                  c.rope ? &d.cos : nullptr, c.rope ? &d.sin : nullptr, c.start_pos);
+  const int64_t es = c.dtype == QKVX_FLOAT32 ? 4 : c.dtype == QKVX_FLOAT16 ? 2 : 1;
+  const int64_t nbytes = c.G * c.S * c.D * es;
+  const Placed k(d.k, nbytes, k_off), v(c.shared ? d.k : d.v, nbytes, v_off);
+  const double tol = 2e-5 * (1.0 + c.q_amp);
+  for (const char* path : {"portable", "avx2", "avx512", "neon"}) {
+    if (qkvx_force_simd_path(path) != QKVX_OK) continue;
+    const double e = max_abs_diff(run(c, d, k.data, c.shared ? nullptr : v.data), want);
+    CHECK(e <= tol, "misaligned cache (k +%lld, v +%lld bytes): S=%lld D=%lld start=%lld %s %s%s %s: "
+          "|out-ref| %.3g (tol %.3g)", (long long)k_off, (long long)v_off, (long long)c.S,
+          (long long)c.D, (long long)c.start_pos, dname(c.dtype), c.shared ? "K=V" : "K,V",
+          c.rope ? " rope" : "", path, e, tol);
   }
   qkvx_force_simd_path(nullptr);
 }
@@ -192,6 +230,17 @@ void run_attend_tests() {
   for (int dt : dtypes) {  // D = 128 has its own unrolled instantiation
     check_case({1, 4, 2, 70, 128, 69, dt, true, true, 2.0f, seed++}, "D=128");
     check_case({3, 4, 4, 70, 128, 30, dt, false, false, 2.0f, seed++}, "D=128");
+  }
+  // Caches not on a 64-byte line: the first and last rows of the buffer read, every dtype, K=V and
+  // separate planes at equal and at different offsets.
+  for (int dt : dtypes) {
+    for (int64_t off : {int64_t(4), int64_t(16), int64_t(48)}) {
+      for (bool rope : {false, true}) {
+        check_misaligned({1, 4, 4, 97, 64, 96, dt, true, rope, 2.0f, seed++}, off, off);
+        check_misaligned({1, 4, 2, 70, 128, 69, dt, false, rope, 2.0f, seed++}, off, off);
+      }
+      check_misaligned({1, 4, 4, 97, 64, 50, dt, false, true, 2.0f, seed++}, off, 64 - off);
+    }
   }
   // Sequence split: forced chunk sizes put chunk edges at odd places (last chunk partial, a
   // chunk of one row, prefill limits inside a chunk), on one thread and on two.
