@@ -237,11 +237,9 @@ Status attend_spans(const SpanAttention& a) {
           const int64_t n = std::min(end - r0, tile_rows);
           return r0 < a.past_rows ? std::min(n, a.past_rows - r0) : n;
         };
-        auto k_at = [&](int64_t g, int64_t r0) {  // first key row of head g's tile at r0
-          return r0 < a.past_rows ? pk + (g * a.past_rows + r0) * D * eb : kbase + (g * S + r0) * D * eb;
-        };
-        auto v_at = [&](int64_t g, int64_t r0) {
-          return r0 < a.past_rows ? pv + (g * a.past_rows + r0) * D * eb : vbase + (g * S + r0) * D * eb;
+        // First row of head g's tile at r0 in the past plane (rows below past_rows) or the cache.
+        auto row_at = [&](const char* past, const char* cache, int64_t g, int64_t r0) {
+          return r0 < a.past_rows ? past + (g * a.past_rows + r0) * D * eb : cache + (g * S + r0) * D * eb;
         };
         for (int64_t r0 = first, rows = 0; r0 < end; r0 += rows) {
           rows = rows_at(r0);
@@ -250,11 +248,14 @@ Status attend_spans(const SpanAttention& a) {
             if (a.before_tile) a.before_tile(a.tile_ctx, g, r0, rows);
             Tile t;
             const int64_t row = g * S + r0;  // first row of the tile in this head plane
-            t.k = k_at(g, r0);
-            t.v = v_at(g, r0);
+            t.k = row_at(pk, kbase, g, r0);
+            t.v = row_at(pv, vbase, g, r0);
             // The tile this thread runs next: the next kv head's, or the first head's further on.
             const int64_t ng = g + 1 < G ? g + 1 : 0, nr = g + 1 < G ? r0 : r0 + rows;
-            if (nr < end) t.next_k = k_at(ng, nr), t.next_v = v_at(ng, nr), t.next_rows = rows_at(nr);
+            if (nr < end) {
+              t.next_k = row_at(pk, kbase, ng, nr), t.next_v = row_at(pv, vbase, ng, nr);
+              t.next_rows = rows_at(nr);
+            }
             t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
             t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
             t.cos = rope ? a.cos + pos * ts : nullptr;

@@ -14,58 +14,15 @@
 // arguments <= 0 that returns exactly 0 below kMinExponent.
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <type_traits>
 
 #include "qkvx/kernels.h"
 #include "tile_kernel.h"
+#include "tile_rows.h"
 
 namespace qkvx {
 namespace {
 
 constexpr int kBlock = 8;  // rows fetched together: their scores share one exp and max
-
-// Bytes of one element of a cache dtype.
-template <int DT>
-constexpr int64_t kElemBytes = DT == QKVX_FLOAT32 ? 4 : DT == QKVX_FLOAT16 ? 2 : 1;
-
-// Row j of a block of 8: a pointer per row (tail blocks, whose padding rows repeat a real one, and
-// rows converted into scratch), or consecutive rows of a head plane read in place, base + j * Bytes
-// with Bytes known at compile time. The second keeps three base pointers (keys, cos, sin) where
-// 24 row pointers would not fit the general-purpose registers and spill in the inner loop.
-// load<Vt, ET>(j, d): elements d .. d+W-1 of row j as fp32 lanes (ld below).
-struct PtrRows {
-  const void* const* p;
-  const void* operator[](int j) const { return p[j]; }
-  template <class Vt, int ET>
-  typename Vt::V load(int j, int64_t d) const;
-};
-template <int64_t Bytes>
-struct StrideRows {
-  const char* base;
-  const void* operator[](int j) const { return base + j * Bytes; }
-  template <class Vt, int ET>
-  typename Vt::V load(int j, int64_t d) const;
-};
-
-// fp32 rows that start m floats past a 64-byte boundary (Bytes a multiple of 64, so all rows of
-// a head plane share m), read as whole aligned lines joined by Vt::load_shifted. Where a vector is
-// a cache line (AVX-512) an unaligned load is split across two lines, and ExecuTorch's runtimes
-// place planned buffers, the caches among them, 16 bytes past a line: a RoPE K=V decode loop
-// over such a cache takes about 1.25x longer with plain loads.
-template <class Vt, int64_t Bytes>
-struct ShiftedRows {
-  const char* base;  // row 0, rounded down to its 64-byte line
-  typename Vt::Shift shift;
-  template <class, int>
-  typename Vt::V load(int j, int64_t d) const {
-    return Vt::load_shifted(reinterpret_cast<const float*>(base + j * Bytes) + d, shift);
-  }
-};
-template <class T, class = void>
-struct HasShiftedLoad : std::false_type {};
-template <class T>
-struct HasShiftedLoad<T, std::void_t<typename T::Shift>> : std::true_type {};
 
 // Cache rows are prefetched this many bytes ahead of the block being read: the compute between
 // loads keeps too few misses in flight for the memory latency, and a tile can be a short stream
@@ -111,24 +68,6 @@ inline void rotate_row(const float* x, const float* c, const float* s, float* k,
     Vt::store(k + i, Vt::fnma(x2, sv, Vt::mul(x1, cv)));
     Vt::store(k + h + i, Vt::fma(x1, sv, Vt::mul(x2, cv)));
   }
-}
-
-// Elements d .. d+W-1 of a row whose elements are of type ET, as fp32 lanes.
-template <class Vt, int ET>
-inline typename Vt::V ld(const void* row, int64_t d) {
-  if (ET == QKVX_FLOAT32) return Vt::load(static_cast<const float*>(row) + d);
-  if (ET == QKVX_FLOAT16) return Vt::load_half(static_cast<const uint16_t*>(row) + d);
-  return Vt::load_int8(static_cast<const int8_t*>(row) + d);
-}
-
-template <class Vt, int ET>
-typename Vt::V PtrRows::load(int j, int64_t d) const {
-  return ld<Vt, ET>(p[j], d);
-}
-template <int64_t Bytes>
-template <class Vt, int ET>
-typename Vt::V StrideRows<Bytes>::load(int j, int64_t d) const {
-  return ld<Vt, ET>(base + j * Bytes, d);
 }
 
 // out[j] = q . k[j] for the 8 rows of a block (padding rows point at a real row); rows of KT.
@@ -344,17 +283,16 @@ void tile_loop(const Tile& t) {
   const bool shared = t.v == t.k, rope = t.cos != nullptr;
   const int64_t es = kElemBytes<DT>;
   // Rows r0 .. r1-1 of this tile, continuing into the next tile's first rows past its end.
+  auto prefetch_kv = [&](const void* k, const void* v, int64_t r0, int64_t r1) {
+    if (r0 >= r1) return;
+    prefetch_rows<Vt, DT>(k, r0, r1, D);
+    if (v != k) prefetch_rows<Vt, DT>(v, r0, r1, D);
+  };
   auto prefetch = [&](int64_t r0, int64_t r1) {
-    const int64_t e = std::min(r1, t.rows);
-    if (r0 < e) {
-      prefetch_rows<Vt, DT>(t.k, r0, e, D);
-      if (!shared) prefetch_rows<Vt, DT>(t.v, r0, e, D);
+    prefetch_kv(t.k, t.v, r0, std::min(r1, t.rows));
+    if (r1 > t.rows && t.next_k != nullptr) {
+      prefetch_kv(t.next_k, t.next_v, std::max(r0, t.rows) - t.rows, std::min(r1 - t.rows, t.next_rows));
     }
-    if (r1 <= t.rows || t.next_k == nullptr) return;
-    const int64_t n0 = std::max(r0, t.rows) - t.rows, n1 = std::min(r1 - t.rows, t.next_rows);
-    if (n0 >= n1) return;
-    prefetch_rows<Vt, DT>(t.next_k, n0, n1, D);
-    if (t.next_v != t.next_k) prefetch_rows<Vt, DT>(t.next_v, n0, n1, D);
   };
   // One query row (decode without GQA) reads every row in the cache dtype as it goes, rotating
   // keys in registers; several query rows share rows converted (and rotated) to fp32 once.
