@@ -242,6 +242,10 @@ void run_attend_tests() {
       check_misaligned({1, 4, 4, 97, 64, 50, dt, false, true, 2.0f, seed++}, off, 64 - off);
     }
   }
+  // A call reading more than 8 MiB of cache (16 kv heads x 2200 rows x 256 bytes): on Intel CPUs
+  // its prefetches stop at L2 (attend.cpp), aligned, and off a line with K=V + RoPE.
+  check_case({1, 16, 16, 2200, 64, 2199, QKVX_FLOAT32, true, true, 2.0f, seed++}, "long stream");
+  check_misaligned({1, 16, 16, 2200, 64, 2150, QKVX_FLOAT32, true, true, 2.0f, seed++}, 16, 16);
   // Sequence split: forced chunk sizes put chunk edges at odd places (last chunk partial, a
   // chunk of one row, prefill limits inside a chunk), on one thread and on two.
   for (int threads : {1, 2}) {

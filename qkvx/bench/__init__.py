@@ -74,7 +74,7 @@ def run_bench(
         profiles[cfg.key] = json.loads(run["stdout"].strip().splitlines()[-1])
     meta = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": _machine(),
+        "machine": machine(),
         "steps": steps,
         "prefill_tokens": PREFILL_TOKENS,
         "pte_profiles": profiles,
@@ -88,12 +88,16 @@ def run_bench(
     return result
 
 
-def _machine() -> str:
+def machine() -> str:
+    """One line naming the CPU, cores, RAM and Python: timings depend on the host."""
     import os
 
     from qkvx.util import proc_fields
 
-    name = proc_fields().get("model name", "unknown CPU")
+    fields = proc_fields()
+    name = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields:  # a VM's model name can be generic; family / model tell the core
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cores = f"{os.cpu_count()} cores, {mem:.0f} GiB RAM"
     return f"{platform.machine()} {name}, {cores}, Python {platform.python_version()}"

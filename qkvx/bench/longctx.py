@@ -153,7 +153,10 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
             t0 = time.perf_counter()
             export(cfg, path)
             print(f"exported {cfg.key} in {time.perf_counter() - t0:.0f} s", flush=True)
-    result: dict = {"contexts": list(contexts), "threads": list(threads), "stream_gbs": [], "runs": {}}
+    from qkvx.bench import machine
+
+    result: dict = {"machine": machine(), "contexts": list(contexts), "threads": list(threads)}
+    result.update(stream_gbs=[], runs={})
     for r in range(rounds):
         result.setdefault("load", []).append(os.getloadavg()[0])
         stream = _worker({"format": "stream"})

@@ -256,7 +256,8 @@ def pair_table(result: dict) -> list[str]:
 def to_markdown(result: dict) -> str:
     stream = result["stream_gbs"]
     n = len(next(iter(result["runs"].values())))
-    lines = [
+    lines = [f"Machine: {result['machine']}.", ""] if result.get("machine") else []
+    lines += [
         "Streaming read, one thread (numpy sum over 1 GiB, best of 3 passes): median "
         f"{statistics.median(stream):.1f} GB/s (min {min(stream):.1f}, max {max(stream):.1f}); "
         f"{n} rounds, medians.",
