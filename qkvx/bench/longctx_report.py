@@ -48,7 +48,7 @@ def thread_bound(result: dict, key: str, context: int) -> float | None:
 
 
 def paired(result: dict, label: str, context: int, what: str = "ratio") -> tuple[float, str] | None:
-    """The median over rounds of a pair's side 0 ms / side 1 ms ("control": side 2 / side 3), its
+    """The median over rounds of a pair's side 0 ms / side 1 ms ("control": its control pair's), its
     sides' steps alternated (longctx.pairs labels), and the rounds' ratios as text; None if not
     measured."""
     ratios = [p[what][str(context)] for p in result.get("pairs", {}).get(label, []) if what in p]
@@ -160,7 +160,7 @@ def goals(result: dict) -> list[str]:
         if pair := paired(result, label, at):
             got = f"{name}{pair[0]:.2f}x paired (rounds {pair[1]}); separate processes {separate}"
             if control := paired(result, label, at, "control"):
-                got += f"; a {READ_MIB} MiB read, same moments: {control[0]:.2f}x (rounds {control[1]})"
+                got += f"; a {READ_MIB} MiB read right after: {control[0]:.2f}x (rounds {control[1]})"
             row(goal, got, ok(pair[0]))
         else:
             row(goal, separate, separate_ok)
