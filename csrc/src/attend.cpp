@@ -38,10 +38,6 @@ constexpr int64_t kChunksPerThread = 4;
 constexpr int64_t kRopeTileTableBytes = 256 * 1024;
 // Rows per tile when a before_tile hook touches them first (K and V rows of one head: L2-sized).
 constexpr int64_t kHookTileRows = 512;
-// Above this many cache bytes a call streams its rows from memory rather than from the last-level
-// cache; on Intel cores its software prefetches then stop at L2: filling L1 they occupy the
-// line-fill buffers for a memory latency each and stall the loads behind them (README: Long context).
-constexpr int64_t kStreamBytes = 8 << 20;
 int64_t elem_bytes(int32_t dtype) {
   return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
 }
@@ -104,14 +100,15 @@ TileKernel choose_kernel(int64_t D, bool rope) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Whether a call reading `bytes` of cache prefetches its rows into L2 only (Tile::prefetch_l2).
-bool prefetch_to_l2(int64_t bytes) {
+// Whether tiles prefetch their rows in software (Tile::prefetch). The Intel host measured reads a
+// cache faster from its hardware prefetchers alone, from memory and from the last-level cache, at
+// every context and thread count tried; the AMD host needs them (README: Long context).
+bool software_prefetch() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool intel = __builtin_cpu_is("intel");
-  return intel && bytes > kStreamBytes;
+  return !intel;
 #else
-  (void)bytes;
-  return false;
+  return true;
 #endif
 }
 
@@ -189,7 +186,6 @@ Status attend_spans(const SpanAttention& a) {
   int64_t n_rows = 0;
   for (int64_t i = 0; i < a.n_spans; ++i) n_rows += a.spans[i].end - a.spans[i].begin;
   const int64_t row_bytes = G * D * elem_bytes(a.dtype) * (shared ? 1 : 2);  // every kv head's
-  const bool prefetch_l2 = prefetch_to_l2(n_rows * row_bytes);
 
   // Sequence chunks: kChunksPerThread per pool thread, none smaller than kMinChunkBytes, and
   // exactly one when single-threaded (no split and no merge cost then).
@@ -272,7 +268,7 @@ Status attend_spans(const SpanAttention& a) {
               t.next_k = row_at(pk, kbase, ng, nr), t.next_v = row_at(pv, vbase, ng, nr);
               t.next_rows = rows_at(nr);
             }
-            t.prefetch_l2 = prefetch_l2;
+            t.prefetch = software_prefetch();
             t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
             t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
             t.cos = rope ? a.cos + pos * ts : nullptr;

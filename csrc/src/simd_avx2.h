@@ -40,7 +40,6 @@ struct Avx2 {
     }
   }
   static void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
-  static void prefetch_l2(const char* p) { asm volatile("prefetcht1 %0" : : "m"(*p)); }
   // out[j] = sum of the 8 lanes of acc[j]: a transposing tree of horizontal adds.
   static void reduce8(const V* a, float* out) {
     const V t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);

@@ -37,9 +37,9 @@ struct Tile {
   const void* next_k = nullptr;
   const void* next_v = nullptr;
   int64_t next_rows = 0;
-  // Software prefetches stop at L2 instead of filling L1 (a long stream on a CPU where L1
-  // prefetches that wait on memory hold up the loads behind them).
-  bool prefetch_l2 = false;
+  // Software prefetches of the rows ahead; off on CPUs whose hardware prefetchers alone stream
+  // the cache faster (attend.cpp).
+  bool prefetch = true;
 };
 
 // Floats of scratch one tile call needs: converted / rotated key and value rows of one block.

@@ -50,7 +50,6 @@ struct Avx512 {
     for (int64_t i = 0; i < n; i += W) _mm512_storeu_ps(dst + i, load_int8(q + i));
   }
   static void prefetch(const char* p) { Avx2::prefetch(p); }
-  static void prefetch_l2(const char* p) { Avx2::prefetch_l2(p); }
   // out[j] = sum of the 16 lanes of acc[j]: fold each to 8 lanes, then Avx2's transposing tree.
   static void reduce8(const V* a, float* out) {
     __m256 h[8];

@@ -6,7 +6,7 @@
 // Vt provides: W (lanes), V (vector type), zero, load, load_half, load_int8 (W elements as fp32
 // lanes), store, set1, add, sub, mul, fma(a, b, c) = a * b + c, fnma(a, b, c) = c - a * b,
 // to_float(const uint16_t* half, float*, n), to_float(const int8_t*, float*, n) (n % W == 0),
-// prefetch(const char*) and prefetch_l2(const char*) (one cache line into L1 / only as far as L2),
+// prefetch(const char*) (one cache line into L1),
 // reduce8(const V acc[8], float out[8]) (horizontal sums).
 // Optionally (AVX-512) Shift, shift(m) and load_shifted(aligned p, Shift) = the W floats starting
 // m floats past the 64-byte-aligned p, read as whole aligned lines (ShiftedRows).
@@ -33,17 +33,12 @@ constexpr int kBlock = 8;  // rows fetched together: their scores share one exp 
 constexpr int64_t kPrefetchBytes = 10 * 1024;
 
 // Vt::prefetch is an asm statement where it matters: GCC drops a loop of __builtin_prefetch
-// calls once it is inlined into this kernel.
-// Tile::prefetch_l2 (attend.cpp decides) stops them at L2.
+// calls once it is inlined into this kernel. Tile::prefetch (attend.cpp decides) turns them off.
 template <class Vt, int DT>
-inline void prefetch_rows(const void* base, int64_t r0, int64_t r1, int64_t D, bool l2) {
+inline void prefetch_rows(const void* base, int64_t r0, int64_t r1, int64_t D) {
   const int64_t es = kElemBytes<DT>;
   const char* p = static_cast<const char*>(base);
-  if (l2) {
-    for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) Vt::prefetch_l2(p + off);
-  } else {
-    for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) Vt::prefetch(p + off);
-  }
+  for (int64_t off = r0 * D * es; off < r1 * D * es; off += 64) Vt::prefetch(p + off);
 }
 
 // Softmax weights below e^kMinExponent (relative to the running max) are exactly 0: at fp32 they
@@ -291,10 +286,11 @@ void tile_loop(const Tile& t) {
   // Rows r0 .. r1-1 of this tile, continuing into the next tile's first rows past its end.
   auto prefetch_kv = [&](const void* k, const void* v, int64_t r0, int64_t r1) {
     if (r0 >= r1) return;
-    prefetch_rows<Vt, DT>(k, r0, r1, D, t.prefetch_l2);
-    if (v != k) prefetch_rows<Vt, DT>(v, r0, r1, D, t.prefetch_l2);
+    prefetch_rows<Vt, DT>(k, r0, r1, D);
+    if (v != k) prefetch_rows<Vt, DT>(v, r0, r1, D);
   };
   auto prefetch = [&](int64_t r0, int64_t r1) {
+    if (!t.prefetch) return;
     prefetch_kv(t.k, t.v, r0, std::min(r1, t.rows));
     if (r1 > t.rows && t.next_k != nullptr) {
       prefetch_kv(t.next_k, t.next_v, std::max(r0, t.rows) - t.rows, std::min(r1 - t.rows, t.next_rows));

@@ -43,7 +43,6 @@ struct Neon {
     for (; i < n; ++i) dst[i] = static_cast<float>(q[i]);  // n % 8 == 4
   }
   static void prefetch(const char* p) { asm volatile("prfm pldl1keep, [%0]" : : "r"(p)); }
-  static void prefetch_l2(const char* p) { asm volatile("prfm pldl2keep, [%0]" : : "r"(p)); }
   static void reduce8(const V* a, float* out) {
     const V s0 = vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
     const V s1 = vpaddq_f32(vpaddq_f32(a[4], a[5]), vpaddq_f32(a[6], a[7]));

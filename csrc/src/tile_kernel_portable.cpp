@@ -30,7 +30,6 @@ struct Scalar {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(q[i]);
   }
   static void prefetch(const char* p) { __builtin_prefetch(p); }
-  static void prefetch_l2(const char* p) { __builtin_prefetch(p, 0, 2); }
   static void reduce8(const V* acc, float* out) {
     for (int j = 0; j < 8; ++j) out[j] = acc[j];
   }

@@ -242,8 +242,8 @@ void run_attend_tests() {
       check_misaligned({1, 4, 4, 97, 64, 50, dt, false, true, 2.0f, seed++}, off, 64 - off);
     }
   }
-  // A call reading more than 8 MiB of cache (16 kv heads x 2200 rows x 256 bytes): on Intel CPUs
-  // its prefetches stop at L2 (attend.cpp), aligned, and off a line with K=V + RoPE.
+  // A call reading more than L2 holds (16 kv heads x 2200 rows x 256 bytes), aligned, and off a
+  // line with K=V + RoPE.
   check_case({1, 16, 16, 2200, 64, 2199, QKVX_FLOAT32, true, true, 2.0f, seed++}, "long stream");
   check_misaligned({1, 16, 16, 2200, 64, 2150, QKVX_FLOAT32, true, true, 2.0f, seed++}, 16, 16);
   // Sequence split: forced chunk sizes put chunk edges at odd places (last chunk partial, a
