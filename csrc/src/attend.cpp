@@ -186,6 +186,7 @@ Status attend_spans(const SpanAttention& a) {
   int64_t n_rows = 0;
   for (int64_t i = 0; i < a.n_spans; ++i) n_rows += a.spans[i].end - a.spans[i].begin;
   const int64_t row_bytes = G * D * elem_bytes(a.dtype) * (shared ? 1 : 2);  // every kv head's
+  const bool prefetch = software_prefetch();
 
   // Sequence chunks: kChunksPerThread per pool thread, none smaller than kMinChunkBytes, and
   // exactly one when single-threaded (no split and no merge cost then).
@@ -268,7 +269,7 @@ Status attend_spans(const SpanAttention& a) {
               t.next_k = row_at(pk, kbase, ng, nr), t.next_v = row_at(pv, vbase, ng, nr);
               t.next_rows = rows_at(nr);
             }
-            t.prefetch = software_prefetch();
+            t.prefetch = prefetch;
             t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
             t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
             t.cos = rope ? a.cos + pos * ts : nullptr;
