@@ -27,6 +27,7 @@ const char* const kPathNames[] = {"portable", "avx2", "avx512", "neon"};
 
 std::atomic<int> g_forced_path{kAuto};
 std::atomic<int64_t> g_chunk_rows{0};
+std::atomic<int> g_forced_prefetch{-1}, g_forced_shifted{-1};  // force_read_mode
 
 // Below this many cache bytes per chunk, waking a second thread costs more than it saves.
 constexpr int64_t kMinChunkBytes = 256 * 1024;
@@ -100,16 +101,22 @@ TileKernel choose_kernel(int64_t D, bool rope) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Whether tiles prefetch their rows in software (Tile::prefetch). The Intel host measured reads a
-// cache faster from its hardware prefetchers alone, from memory and from the last-level cache, at
-// every context and thread count tried; the AMD host needs them (README: Long context).
-bool software_prefetch() {
+// How tiles read rows on this CPU (Tile::prefetch, Tile::shifted). The Intel host measured reads a
+// cache fastest from its hardware prefetchers alone, from memory and from the last-level cache,
+// at every context and thread count tried, and reads rows off a line fastest with plain loads
+// spanning two lines; the AMD host needs both the prefetches and the shifted aligned lines
+// (README: Long context).
+struct ReadMode {
+  bool prefetch, shifted;
+};
+ReadMode read_mode() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool intel = __builtin_cpu_is("intel");
-  return !intel;
 #else
-  return true;
+  static const bool intel = false;
 #endif
+  const int p = g_forced_prefetch.load(), s = g_forced_shifted.load();
+  return {p < 0 ? !intel : p != 0, s < 0 ? !intel : s != 0};
 }
 
 }  // namespace
@@ -129,6 +136,10 @@ Status force_simd_path(const char* name) {
               name);
 }
 void set_chunk_rows(int64_t rows) { g_chunk_rows.store(rows < 0 ? 0 : rows); }
+void force_read_mode(int prefetch, int shifted) {
+  g_forced_prefetch.store(prefetch < 0 ? -1 : prefetch != 0);
+  g_forced_shifted.store(shifted < 0 ? -1 : shifted != 0);
+}
 int64_t chunk_rows() { return g_chunk_rows.load(); }
 const char* simd_path() { return kPathNames[best_path()]; }
 
@@ -186,7 +197,7 @@ Status attend_spans(const SpanAttention& a) {
   int64_t n_rows = 0;
   for (int64_t i = 0; i < a.n_spans; ++i) n_rows += a.spans[i].end - a.spans[i].begin;
   const int64_t row_bytes = G * D * elem_bytes(a.dtype) * (shared ? 1 : 2);  // every kv head's
-  const bool prefetch = software_prefetch();
+  const ReadMode mode = read_mode();
 
   // Sequence chunks: kChunksPerThread per pool thread, none smaller than kMinChunkBytes, and
   // exactly one when single-threaded (no split and no merge cost then).
@@ -269,7 +280,8 @@ Status attend_spans(const SpanAttention& a) {
               t.next_k = row_at(pk, kbase, ng, nr), t.next_v = row_at(pv, vbase, ng, nr);
               t.next_rows = rows_at(nr);
             }
-            t.prefetch = prefetch;
+            t.prefetch = mode.prefetch;
+            t.shifted = mode.shifted;
             t.k_scale = a.k_scale ? a.k_scale + row : nullptr;
             t.v_scale = a.v_scale ? a.v_scale + row : nullptr;
             t.cos = rope ? a.cos + pos * ts : nullptr;

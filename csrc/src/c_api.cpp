@@ -54,6 +54,8 @@ const char* qkvx_simd_path(void) { return qkvx::simd_path(); }
 
 int qkvx_force_simd_path(const char* name) { return finish(qkvx::force_simd_path(name)); }
 
+void qkvx_force_read_mode(int prefetch, int shifted) { qkvx::force_read_mode(prefetch, shifted); }
+
 int64_t qkvx_set_chunk_rows(int64_t rows) {
   const int64_t prev = qkvx::chunk_rows();
   qkvx::set_chunk_rows(rows);

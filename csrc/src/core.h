@@ -117,6 +117,9 @@ Status spans_from_mask(const int64_t* mask, int64_t S, int64_t T, int64_t R, int
 // null or "": the runtime choice.
 Status force_simd_path(const char* name);
 void set_chunk_rows(int64_t rows);  // 0 = automatic
+// How tiles read the cache (Tile::prefetch, Tile::shifted): 0 / 1 forces a choice, -1 restores
+// the one made for this CPU.
+void force_read_mode(int prefetch, int shifted);
 int64_t chunk_rows();
 const char* simd_path();
 

@@ -37,9 +37,11 @@ struct Tile {
   const void* next_k = nullptr;
   const void* next_v = nullptr;
   int64_t next_rows = 0;
-  // Software prefetches of the rows ahead; off on CPUs whose hardware prefetchers alone stream
-  // the cache faster (attend.cpp).
+  // How rows are read (attend.cpp decides per CPU): software prefetches of the rows ahead, and
+  // fp32 rows off a 64-byte line read as aligned lines shifted into place (ShiftedRows, AVX-512)
+  // rather than by loads that span two lines.
   bool prefetch = true;
+  bool shifted = true;
 };
 
 // Floats of scratch one tile call needs: converted / rotated key and value rows of one block.

@@ -260,7 +260,7 @@ int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
   constexpr int64_t rb = D * kElemBytes<DT>;
   if constexpr (DT == QKVX_FLOAT32 && HasShiftedLoad<Vt>::value && rb % 64 == 0) {
     const auto off = reinterpret_cast<uintptr_t>(t.k) % 64;
-    if (off != 0 && off % 4 == 0 && reinterpret_cast<uintptr_t>(t.v) % 64 == off) {
+    if (t.shifted && off != 0 && off % 4 == 0 && reinterpret_cast<uintptr_t>(t.v) % 64 == off) {
       const auto shift = Vt::shift(static_cast<int>(off / 4));
       auto rows = [&](const void* base, int64_t b) {
         return ShiftedRows<Vt, rb>{static_cast<const char*>(base) + b * rb - off, shift};

@@ -48,8 +48,9 @@ struct StrideRows {
 // fp32 rows that start m floats past a 64-byte boundary (Bytes a multiple of 64, so all rows of
 // a head plane share m), read as whole aligned lines joined by Vt::load_shifted. Where a vector is
 // a cache line (AVX-512) an unaligned load is split across two lines, and ExecuTorch's runtimes
-// place planned buffers, the caches among them, 16 bytes past a line: a RoPE K=V decode loop
-// over such a cache takes about 1.25x longer with plain loads.
+// place planned buffers, the caches among them, 16 bytes past a line. On the AMD host a RoPE K=V
+// decode loop over such a cache took about 1.25x longer with plain loads; the Intel host runs it
+// faster with them, so Tile::shifted chooses.
 template <class Vt, int64_t Bytes>
 struct ShiftedRows {
   const char* base;  // row 0, rounded down to its 64-byte line

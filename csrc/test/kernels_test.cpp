@@ -163,12 +163,16 @@ void check_misaligned(const Case& c, int64_t k_off, int64_t v_off) {
   const double tol = 2e-5 * (1.0 + c.q_amp);
   for (const char* path : {"portable", "avx2", "avx512", "neon"}) {
     if (qkvx_force_simd_path(path) != QKVX_OK) continue;
-    const double e = max_abs_diff(run(c, d, k.data, c.shared ? nullptr : v.data), want);
-    CHECK(e <= tol, "misaligned cache (k +%lld, v +%lld bytes): S=%lld D=%lld start=%lld %s %s%s %s: "
-          "|out-ref| %.3g (tol %.3g)", (long long)k_off, (long long)v_off, (long long)c.S,
-          (long long)c.D, (long long)c.start_pos, dname(c.dtype), c.shared ? "K=V" : "K,V",
-          c.rope ? " rope" : "", path, e, tol);
+    for (int shifted : {0, 1}) {  // loads spanning two lines, or aligned lines shifted into place
+      qkvx_force_read_mode(-1, shifted);
+      const double e = max_abs_diff(run(c, d, k.data, c.shared ? nullptr : v.data), want);
+      CHECK(e <= tol, "misaligned cache (k +%lld, v +%lld bytes): S=%lld D=%lld start=%lld %s %s%s %s%s: "
+            "|out-ref| %.3g (tol %.3g)", (long long)k_off, (long long)v_off, (long long)c.S,
+            (long long)c.D, (long long)c.start_pos, dname(c.dtype), c.shared ? "K=V" : "K,V",
+            c.rope ? " rope" : "", path, shifted ? " shifted" : "", e, tol);
+    }
   }
+  qkvx_force_read_mode(-1, -1);
   qkvx_force_simd_path(nullptr);
 }
 
@@ -243,8 +247,13 @@ void run_attend_tests() {
     }
   }
   // A call reading more than L2 holds (16 kv heads x 2200 rows x 256 bytes), aligned, and off a
-  // line with K=V + RoPE.
-  check_case({1, 16, 16, 2200, 64, 2199, QKVX_FLOAT32, true, true, 2.0f, seed++}, "long stream");
+  // line with K=V + RoPE; with and without software prefetches (each CPU takes one of them).
+  for (int prefetch : {0, 1}) {
+    qkvx_force_read_mode(prefetch, -1);
+    check_case({1, 16, 16, 2200, 64, 2199, QKVX_FLOAT32, true, true, 2.0f, seed++},
+               prefetch ? "long stream, prefetched" : "long stream");
+  }
+  qkvx_force_read_mode(-1, -1);
   check_misaligned({1, 16, 16, 2200, 64, 2150, QKVX_FLOAT32, true, true, 2.0f, seed++}, 16, 16);
   // Sequence split: forced chunk sizes put chunk edges at odd places (last chunk partial, a
   // chunk of one row, prefill limits inside a chunk), on one thread and on two.

@@ -80,6 +80,12 @@ QKVX_API int qkvx_force_simd_path(const char* name);
  * chunk boundaries anywhere. Returns the previous value. */
 QKVX_API int64_t qkvx_set_chunk_rows(int64_t rows);
 
+/* Testing: how the attention reads cache rows, chosen per CPU (README, "Long context"): prefetch =
+ * software prefetches of the rows ahead; shifted = fp32 rows off a 64-byte line read as aligned
+ * lines shifted into place (AVX-512) instead of with loads spanning two lines. 0 or 1 forces a
+ * choice, -1 restores the one made for this CPU. The results are the same either way. */
+QKVX_API void qkvx_force_read_mode(int prefetch, int shifted);
+
 #ifdef __cplusplus
 }
 #endif
