@@ -244,12 +244,29 @@ def alternate(pair: Pair, out: Path, contexts, steps: int) -> dict:
 
 
 def _alternate_sides(label: str, sides, out: Path, contexts, steps: int) -> dict:
+    args = [
+        {
+            "format": "serve",
+            "serve": cfg.format,
+            "path": "" if cfg == READ else str(cfg.path(out)),
+            "threads": n,
+            "read_mib": READ_MIB,
+        }
+        for cfg, n in sides
+    ]
+    return alternate_workers(label, args, contexts, steps)
+
+
+def alternate_workers(
+    label: str, args: list[dict], contexts, steps: int, envs: list[dict] | None = None
+) -> dict:
+    """One longctx_worker "serve" process per arg (with envs[i] added to its environment), their
+    steps alternated as in alternate(): {"ratio": {context: side 0 / side 1}, "ms": {context: [...]}}."""
     procs = []
-    for cfg, n in sides:
-        path = "" if cfg == READ else str(cfg.path(out))
-        arg = {"format": "serve", "serve": cfg.format, "path": path, "threads": n, "read_mib": READ_MIB}
+    for i, arg in enumerate(args):
         cmd = [sys.executable, "-m", "qkvx.bench.longctx_worker", json.dumps(arg)]
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        env = {**os.environ, **envs[i]} if envs else None
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
 
     def ask(p: subprocess.Popen, line: str) -> str:
         p.stdin.write(line + "\n")
