@@ -115,8 +115,8 @@ ReadMode read_mode() {
 #else
   static const bool intel = false;
 #endif
-  const int p = g_forced_prefetch.load(), s = g_forced_shifted.load();
-  return {p < 0 ? !intel : p != 0, s < 0 ? !intel : s != 0};
+  auto pick = [](int forced, bool choice) { return forced < 0 ? choice : forced != 0; };
+  return {pick(g_forced_prefetch.load(), !intel), pick(g_forced_shifted.load(), !intel)};
 }
 
 }  // namespace
@@ -137,8 +137,7 @@ Status force_simd_path(const char* name) {
 }
 void set_chunk_rows(int64_t rows) { g_chunk_rows.store(rows < 0 ? 0 : rows); }
 void force_read_mode(int prefetch, int shifted) {
-  g_forced_prefetch.store(prefetch < 0 ? -1 : prefetch != 0);
-  g_forced_shifted.store(shifted < 0 ? -1 : shifted != 0);
+  g_forced_prefetch.store(prefetch), g_forced_shifted.store(shifted);  // read_mode() interprets them
 }
 int64_t chunk_rows() { return g_chunk_rows.load(); }
 const char* simd_path() { return kPathNames[best_path()]; }
