@@ -267,14 +267,16 @@ Status attend_spans(const SpanAttention& a) {
         for (int64_t r0 = first, rows = 0; r0 < end; r0 += rows) {
           rows = rows_at(r0);
           const int64_t pos = sp.pos0 + (r0 - sp.begin);  // rotary table row of r0
-          for (int64_t g = 0; g < G; ++g) {
-            if (a.before_tile) a.before_tile(a.tile_ctx, g, r0, rows);
+          // Head g's tile; st: heads per kernel call (2: g and g + 1 as twins), which also
+          // steps to the tile the same slot runs next.
+          auto make = [&](int64_t g, int64_t st) {
             Tile t;
             const int64_t row = g * S + r0;  // first row of the tile in this head plane
             t.k = row_at(pk, kbase, g, r0);
             t.v = row_at(pv, vbase, g, r0);
-            // The tile this thread runs next: the next kv head's, or the first head's further on.
-            const int64_t ng = g + 1 < G ? g + 1 : 0, nr = g + 1 < G ? r0 : r0 + rows;
+            // The tile this thread runs next in the same slot: st heads on, or further on.
+            const bool wrap = g + st >= G;
+            const int64_t ng = wrap ? g % st : g + st, nr = wrap ? r0 + rows : r0;
             if (nr < end) {
               t.next_k = row_at(pk, kbase, ng, nr), t.next_v = row_at(pv, vbase, ng, nr);
               t.next_rows = rows_at(nr);
@@ -299,7 +301,18 @@ Status attend_spans(const SpanAttention& a) {
             t.run_max = s + G * M * D + g * M + mb;
             t.run_sum = s + G * M * (D + 1) + g * M + mb;
             t.scratch = scratch.get();
+            return t;
+          };
+          // One query row per kv head (decode without GQA): heads go in twos, so the kernel
+          // reads two streams at once as QKV's separate K and V planes do.
+          const bool twins = mrows == 1 && !a.before_tile;
+          for (int64_t g = 0; g < G;) {
+            const int64_t st = twins && g + 1 < G ? 2 : 1;
+            Tile t = make(g, st), twin;
+            if (st == 2) twin = make(g + 1, st), t.twin = &twin;
+            if (a.before_tile) a.before_tile(a.tile_ctx, g, r0, rows);
             kernel(t);
+            g += st;
           }
         }
       });

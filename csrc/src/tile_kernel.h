@@ -41,6 +41,9 @@ struct Tile {
   const void* next_k = nullptr;
   const void* next_v = nullptr;
   int64_t next_rows = 0;
+  // Another one-query-row tile over the same rows of a different kv head, run by the same call;
+  // their full blocks are read in lockstep where both running states fit the vector registers.
+  const Tile* twin = nullptr;
   // How rows are read (attend.cpp decides per CPU): software prefetches of the rows ahead, and
   // fp32 rows off a 64-byte line read as aligned lines shifted into place (ShiftedRows, AVX-512)
   // rather than by loads that span two lines.

@@ -205,129 +205,27 @@ inline void fold_block(const Tile& t, int64_t m, int64_t b, int nv, float* sc, c
   accumulate<Vt, Full ? kBlock : 0, VT>(t.acc + m * D, D, w, vrow, n, alpha != 1.0f, alpha);
 }
 
-// RoPE scores of rows b .. b+7 of the tile (rows of k, positions p .. p+7), tables' rows TS floats
-// apart. Per pair, q . rope_p(x) = x1 . u + x2 . w where u + i w = (q1 + i q2) e^(-i p theta):
-// the query turns instead of the key. Plain RoPE tables compose, e^(-i (p + j) theta) =
-// e^(-i p theta) e^(-i j theta), so the query is turned by p once per block (a = a1 + i a2, the
-// block's one table row) and then by j per row from the table's rows 0 .. 7 (Tile::steps), the
-// same 2 KiB for every block and head: the per-row table reads hit L1 instead of streaming
-// the table through L2 once per kv head.
-template <class Vt, int KT, int D, int64_t TS, class Rows>
-inline void rope_block_scores(const Tile& t, int64_t b, const Rows& k, float* sc) {
-  constexpr int64_t h = D / 2;
-  constexpr int NH = h / Vt::W;
-  const float* cb = t.cos + b * TS;
-  const float* sb = t.sin + b * TS;
-  typename Vt::V a1[NH], a2[NH], acc[kBlock];
-  for (int i = 0; i < NH; ++i) {
-    const auto q1 = Vt::load(t.q + i * Vt::W), q2 = Vt::load(t.q + h + i * Vt::W);
-    const auto c = Vt::load(cb + i * Vt::W), s = Vt::load(sb + i * Vt::W);
-    a1[i] = Vt::fma(q2, s, Vt::mul(q1, c));
-    a2[i] = Vt::fnma(q1, s, Vt::mul(q2, c));
-  }
-  for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
-  for (int i = 0; i < NH; ++i) {
-    for (int j = 0; j < kBlock; ++j) {
-      const auto c = Vt::load(t.step_cos + j * TS + i * Vt::W);
-      const auto s = Vt::load(t.step_sin + j * TS + i * Vt::W);
-      const auto u = Vt::fma(a2[i], s, Vt::mul(a1[i], c));
-      const auto w = Vt::fnma(a1[i], s, Vt::mul(a2[i], c));
-      acc[j] = Vt::fma(k.template load<Vt, KT>(j, i * Vt::W), u, acc[j]);
-      acc[j] = Vt::fma(k.template load<Vt, KT>(j, h + i * Vt::W), w, acc[j]);
-    }
-  }
-  Vt::reduce8(acc, sc);
-}
+}  // namespace
+}  // namespace qkvx
 
-// One query row (decode without GQA), full blocks read in place, its running state (acc [D] as
-// D/W vectors, max, sum) held in registers for the whole tile rather than loaded and stored per
-// block. Returns the rows done: the leading full blocks whose 8 rows are all visible.
-// rows(base, b): the Rows of the block at tile row b of the plane at base.
-template <class Vt, int DT, int D, class Prefetch, class MakeRows>
-int64_t direct_rows_of(const Tile& t, int64_t ahead, const Prefetch& prefetch, const MakeRows& rows) {
-  using Bt = typename Vt::Blk;
-  constexpr int NV = D / Vt::W;
-  const int64_t visible = std::min(t.rows, t.limit[0] - t.row0 + 1);  // causal: up to limit[0]
-  const int64_t n = visible > 0 ? visible / kBlock * kBlock : 0;
-  if (n == 0 || (t.cos != nullptr && t.step_cos == nullptr)) return 0;
-  typename Vt::V acc[NV];
-  for (int i = 0; i < NV; ++i) acc[i] = Vt::load(t.acc + i * Vt::W);
-  float mx = t.run_max[0], sum = t.run_sum[0];
-  for (int64_t b = 0; b < n; b += kBlock) {
-    prefetch(b + ahead, b + ahead + kBlock);
-    const auto k = rows(t.k, b), v = rows(t.v, b);
-    alignas(32) float sc[kBlock];
-    if (t.cos == nullptr) {
-      dot_block<Vt, DT>(t.q, k, D, sc);
-    } else if (t.table_stride == D / 2) {  // half tables [P, D/2]
-      rope_block_scores<Vt, DT, D, D / 2>(t, b, k, sc);
-    } else {  // HF's [P, D] tables: the first half of each row
-      rope_block_scores<Vt, DT, D, D>(t, b, k, sc);
-    }
-    alignas(32) float w[kBlock];
-    const float alpha = softmax_block<Bt, DT, true>(t, b, kBlock, sc, mx, sum, w);
-    if (alpha != 1.0f) {
-      const auto a = Vt::set1(alpha);
-      for (int i = 0; i < NV; ++i) acc[i] = Vt::mul(acc[i], a);
-    }
-    typename Vt::V wv[kBlock];
-    for (int j = 0; j < kBlock; ++j) wv[j] = Vt::set1(w[j]);
-    for (int i = 0; i < NV; ++i) acc[i] = block_axpy<Vt, DT>(acc[i], wv, v, i * Vt::W);
-  }
-  for (int i = 0; i < NV; ++i) Vt::store(t.acc + i * Vt::W, acc[i]);
-  t.run_max[0] = mx;
-  t.run_sum[0] = sum;
-  return n;
-}
+#include "tile_direct.h"  // the one-query-row pass over full blocks, built on the helpers above
 
-template <class Vt, int DT, int D, class Prefetch>
-int64_t direct_rows(const Tile& t, int64_t ahead, const Prefetch& prefetch) {
-  constexpr int64_t rb = D * kElemBytes<DT>;
-  if constexpr (DT == QKVX_FLOAT32 && HasShiftedLoad<Vt>::value && rb % 64 == 0) {
-    const auto off = reinterpret_cast<uintptr_t>(t.k) % 64;
-    if (t.shifted && off != 0 && off % 4 == 0 && reinterpret_cast<uintptr_t>(t.v) % 64 == off) {
-      const auto shift = Vt::shift(static_cast<int>(off / 4));
-      auto rows = [&](const void* base, int64_t b) {
-        return ShiftedRows<Vt, rb>{static_cast<const char*>(base) + b * rb - off, shift};
-      };
-      return direct_rows_of<Vt, DT, D>(t, ahead, prefetch, rows);
-    }
-  }
-  auto rows = [](const void* base, int64_t b) {
-    return StrideRows<rb>{static_cast<const char*>(base) + b * rb};
-  };
-  return direct_rows_of<Vt, DT, D>(t, ahead, prefetch, rows);
-}
+namespace qkvx {
+namespace {
 
-// DC: the head size as a compile-time constant (0: use t.D), so the common sizes get every
-// row-length loop unrolled.
+// Rows b0 .. rows-1 of tile t by blocks of 8: several query rows, tail blocks, any head size.
 template <class Vt, int DT, int DC>
-void tile_loop(const Tile& t) {
+void block_loop(const Tile& t, int64_t b0) {
   const int64_t D = DC ? DC : t.D;
   float* kbuf = t.scratch;               // [8][D]: keys as fp32 (rotated with RoPE)
   float* vbuf = t.scratch + kBlock * D;  // [8][D]: values as fp32
   const bool shared = t.v == t.k, rope = t.cos != nullptr;
   const int64_t es = kElemBytes<DT>;
-  // Rows r0 .. r1-1 of this tile, continuing into the next tile's first rows past its end.
-  auto prefetch_kv = [&](const void* k, const void* v, int64_t r0, int64_t r1) {
-    if (r0 >= r1) return;
-    prefetch_rows<Vt, DT>(k, r0, r1, D);
-    if (v != k) prefetch_rows<Vt, DT>(v, r0, r1, D);
-  };
-  auto prefetch = [&](int64_t r0, int64_t r1) {
-    if (!t.prefetch) return;
-    prefetch_kv(t.k, t.v, r0, std::min(r1, t.rows));
-    if (r1 > t.rows && t.next_k != nullptr) {
-      prefetch_kv(t.next_k, t.next_v, std::max(r0, t.rows) - t.rows, std::min(r1 - t.rows, t.next_rows));
-    }
-  };
+  const RowPrefetch<Vt, DT> prefetch{t, D};
   // One query row (decode without GQA) reads every row in the cache dtype as it goes, rotating
   // keys in registers; several query rows share rows converted (and rotated) to fp32 once.
   const bool direct = t.M == 1;
-  const int64_t ahead = std::max<int64_t>(kBlock, kPrefetchBytes / (D * es));
-  prefetch(0, ahead);
-  int64_t b0 = 0;
-  if (DC != 0 && direct) b0 = direct_rows<Vt, DT, DC>(t, ahead, prefetch);
+  const int64_t ahead = prefetch_ahead<DT>(D);
   for (int64_t b = b0; b < t.rows; b += kBlock) {
     prefetch(b + ahead, b + ahead + kBlock);
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, t.rows - b));
@@ -385,6 +283,22 @@ void tile_loop(const Tile& t) {
       }
     }
   }
+}
+
+// Tile t and its twin (Tile::twin), if any. DC: the head size as a compile-time constant (0: use
+// t.D), so the common sizes get every row-length loop unrolled.
+template <class Vt, int DT, int DC>
+void tile_loop(const Tile& t) {
+  const int64_t D = DC ? DC : t.D;
+  const int64_t ahead = prefetch_ahead<DT>(D);
+  RowPrefetch<Vt, DT>{t, D}(0, ahead);
+  if (t.twin != nullptr) RowPrefetch<Vt, DT>{*t.twin, D}(0, ahead);
+  int64_t b0 = 0;
+  if constexpr (DC != 0) {
+    if (t.M == 1) b0 = direct_rows<Vt, DT, DC>(t);
+  }
+  block_loop<Vt, DT, DC>(t, b0);
+  if (t.twin != nullptr) block_loop<Vt, DT, DC>(*t.twin, b0);
 }
 
 template <class Vt, int DT>
