@@ -10,7 +10,7 @@
 //   3 past_value     float [B, G, P, D]    optional: absent = k = v, the key cache is the values
 //   4 value          float [B, T, G, D]    optional, with 3
 //   5 attention_mask int64 [B, P + T]      1 = real token, 0 = padding
-//   6 cos_cache      float [max_pos, D/2]  optional: present = rotate keys on read (plain RoPE tables, k = v)
+//   6 cos_cache      float [max_pos, D/2]  optional: present = rotate keys on read (RoPE with k = v)
 //   7 sin_cache      float [max_pos, D/2]  optional, with 6
 // Outputs: 0 output [B, T, H * D], 1 present_key [B, G, P + T, D], 2 present_value (with 3 / 4).
 // Attributes: num_heads (H), kv_num_heads (G), scale.

@@ -288,8 +288,6 @@ Status attend_spans(const SpanAttention& a) {
             t.cos = rope ? a.cos + pos * ts : nullptr;
             t.sin = rope ? a.sin + pos * ts : nullptr;
             t.table_stride = ts;
-            t.step_cos = rope ? a.cos : nullptr;  // rows of positions 0 .. 7: P >= 8 when a block is full
-            t.step_sin = rope ? a.sin : nullptr;
             t.dtype = a.dtype;
             t.row0 = r0;
             t.rows = rows;

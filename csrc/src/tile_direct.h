@@ -7,38 +7,16 @@
 namespace qkvx {
 namespace {
 
-// RoPE scores of rows b .. b+7 of the tile (rows of k, positions p .. p+7), tables' rows TS floats
-// apart. Per pair, q . rope_p(x) = x1 . u + x2 . w where u + i w = (q1 + i q2) e^(-i p theta):
-// the query turns instead of the key. Plain RoPE tables compose, e^(-i (p + j) theta) =
-// e^(-i p theta) e^(-i j theta), so the query is turned by p once per block (a = a1 + i a2, the
-// block's one table row) and then by j per row from the table's rows 0 .. 7 (Tile::steps), the
-// same 2 KiB for every block and head: the per-row table reads hit L1 instead of streaming
-// the table through L2 once per kv head.
-template <class Vt, int KT, int D, int64_t TS, class Rows>
+// RoPE scores of rows b .. b+7 of the tile (rows of k), each key rotated by its own position's
+// table row (TS floats apart). Not by rows composed from others (row p turned by row j for p + j):
+// the tables' fp32 angles are rounded (HF's and qkvx's Rope), more so at deep positions, and the
+// model was trained on each row as it is (csrc/README.md).
+template <class Vt, int DT, int D, int64_t TS, class Rows>
 inline void rope_block_scores(const Tile& t, int64_t b, const Rows& k, float* sc) {
-  constexpr int64_t h = D / 2;
-  constexpr int NH = h / Vt::W;
-  const float* cb = t.cos + b * TS;
-  const float* sb = t.sin + b * TS;
-  typename Vt::V a1[NH], a2[NH], acc[kBlock];
-  for (int i = 0; i < NH; ++i) {
-    const auto q1 = Vt::load(t.q + i * Vt::W), q2 = Vt::load(t.q + h + i * Vt::W);
-    const auto c = Vt::load(cb + i * Vt::W), s = Vt::load(sb + i * Vt::W);
-    a1[i] = Vt::fma(q2, s, Vt::mul(q1, c));
-    a2[i] = Vt::fnma(q1, s, Vt::mul(q2, c));
-  }
-  for (int j = 0; j < kBlock; ++j) acc[j] = Vt::zero();
-  for (int i = 0; i < NH; ++i) {
-    for (int j = 0; j < kBlock; ++j) {
-      const auto c = Vt::load(t.step_cos + j * TS + i * Vt::W);
-      const auto s = Vt::load(t.step_sin + j * TS + i * Vt::W);
-      const auto u = Vt::fma(a2[i], s, Vt::mul(a1[i], c));
-      const auto w = Vt::fnma(a1[i], s, Vt::mul(a2[i], c));
-      acc[j] = Vt::fma(k.template load<Vt, KT>(j, i * Vt::W), u, acc[j]);
-      acc[j] = Vt::fma(k.template load<Vt, KT>(j, h + i * Vt::W), w, acc[j]);
-    }
-  }
-  Vt::reduce8(acc, sc);
+  using Tr = StrideRows<TS * 4>;
+  const int64_t off = b * TS * 4;
+  dot_block_rope<Vt, DT>(t.q, k, Tr{reinterpret_cast<const char*>(t.cos) + off},
+                         Tr{reinterpret_cast<const char*>(t.sin) + off}, D, sc);
 }
 
 // Software prefetches of tile rows r0 .. r1-1, continuing into the first rows of the tile the same
@@ -134,7 +112,7 @@ template <class Vt, int DT, int D>
 int64_t direct_rows(const Tile& t) {
   const int64_t visible = std::min(t.rows, t.limit[0] - t.row0 + 1);  // causal: up to limit[0]
   const int64_t n = visible > 0 ? visible / kBlock * kBlock : 0;
-  if (n == 0 || (t.cos != nullptr && t.step_cos == nullptr)) return 0;
+  if (n == 0) return 0;
   const Tile* ts[2] = {&t, t.twin};
   auto run = [&](const auto& rows) {
     if (t.twin == nullptr) {

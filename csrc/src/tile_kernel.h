@@ -19,10 +19,6 @@ struct Tile {
   const float* cos = nullptr;  // RoPE half-table rows of the same positions (D/2 used), or null
   const float* sin = nullptr;
   int64_t table_stride = 0;    // floats from one table row to the next (D/2, or D for HF's tables)
-  // The table's rows of positions 0 .. 7 (turns by 0 .. 7 positions), or null: full blocks of a
-  // one-query-row tile then turn the query per block instead of the keys per row.
-  const float* step_cos = nullptr;
-  const float* step_sin = nullptr;
   int32_t dtype = 0;               // QKVX_FLOAT32 | QKVX_FLOAT16 | QKVX_INT8
   int64_t row0 = 0;
   int64_t rows = 0;

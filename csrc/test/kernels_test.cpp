@@ -63,13 +63,7 @@ Data make(const Case& c) {
   const int64_t h = c.D / 2;  // half tables [P][D/2]
   d.cos.assign((P + 3) * h, kNaN);
   d.sin.assign((P + 3) * h, kNaN);
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t i = 0; i < h; ++i) {
-      const double a = p * std::pow(10000.0, -2.0 * i / c.D);
-      d.cos[p * h + i] = static_cast<float>(std::cos(a));
-      d.sin[p * h + i] = static_cast<float>(std::sin(a));
-    }
-  }
+  rope_tables(P, c.D, d.cos.data(), d.sin.data());
   return d;
 }
 
@@ -213,6 +207,12 @@ void run_attend_tests() {
         }
       }
     }
+  }
+  // Deep positions, where the tables' fp32 angles are rounded the most (rope_tables), with a
+  // peaked softmax: every key row must be rotated by its own position's table row, as the model
+  // was (rows composed from others fail this by ~1.7x the tolerance).
+  for (int dt : dtypes) {
+    check_case({1, 2, 2, 30001, 64, 30000, dt, true, true, 12.0f, seed++}, "deep rope");
   }
   // Prefill with causality: T > 1 from position 0 and from the middle.
   for (int dt : dtypes) {

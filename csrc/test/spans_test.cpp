@@ -92,13 +92,7 @@ void check_mask_case(const MaskCase& c) {
   fill(k, c, mask, rng);
   if (!c.shared) fill(v, c, mask, rng);
   std::vector<float> cos(S * half), sin(S * half);  // positions <= S - 1
-  for (int64_t p = 0; p < S; ++p) {
-    for (int64_t i = 0; i < half; ++i) {
-      const double a = p * std::pow(10000.0, -2.0 * i / c.D);
-      cos[p * half + i] = static_cast<float>(std::cos(a));
-      sin[p * half + i] = static_cast<float>(std::sin(a));
-    }
-  }
+  rope_tables(S, c.D, cos.data(), sin.data());
   const double scale = 0.3;
   const std::vector<double> want = ref::attend_masked(q, c.T, c.H, c.D, k, c.shared ? nullptr : &v, c.G, S,
                                                       c.rope ? &cos : nullptr, c.rope ? &sin : nullptr, c.P,

@@ -1,6 +1,7 @@
 // Minimal test harness: counters, CHECK, a seeded generator, tensor views.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -45,5 +46,21 @@ void run_attend_tests();
 void run_update_tests();
 void run_error_tests();
 void run_span_tests();
+
+// RoPE half tables [P][D/2] built as qkvx's Rope and HF's rotary embedding build them: fp32
+// inverse frequencies times fp32 positions, so an angle carries its fp32 rounding (the most at
+// deep positions), which the model saw in training. A kernel must use each position's
+// own row: rows composed from others differ by that rounding. Rows from P on are left as given.
+inline void rope_tables(int64_t P, int64_t D, float* cos, float* sin) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float inv_freq = 1.0f / static_cast<float>(std::pow(10000.0, static_cast<double>(2 * i) / D));
+    for (int64_t p = 0; p < P; ++p) {
+      const float a = static_cast<float>(p) * inv_freq;
+      cos[p * h + i] = static_cast<float>(std::cos(static_cast<double>(a)));
+      sin[p * h + i] = static_cast<float>(std::sin(static_cast<double>(a)));
+    }
+  }
+}
 
 }  // namespace tu

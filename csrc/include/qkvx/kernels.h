@@ -52,8 +52,6 @@ QKVX_API int qkvx_update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache
  * iff int8 (K=V: k_scale only). rope_cos / rope_sin [P, D/2] fp32 (P >= start_pos + T) or both
  * NULL: key row s is rotated with position s while read (HF rotate_half); values are used as
  * stored. HF's full [P, D] tables (which repeat the halves) are taken too: their first D/2 columns.
- * They must be plain RoPE tables (cos / sin of position x a per-pair frequency): a decode turns
- * the query instead of each key, using that row p + j is row p turned by row j.
  * Query head h reads kv head h / (H / G); scale 1/sqrt(D). out fp32 [1, T, H, D]. */
 QKVX_API int qkvx_attend(const qkvx_tensor* q, const qkvx_tensor* k_cache, const qkvx_tensor* v_cache,
                 const qkvx_tensor* k_scale, const qkvx_tensor* v_scale,
