@@ -17,9 +17,10 @@ class TinyDecode(nn.Module):
     """forward(x [1, T, C], input_pos int64 [1]) -> attention output [1, T, H * D]; one cache
     buffer [1, G, S, D] (K=V) or key + value buffers, int8 with scale buffers beside them."""
 
-    def __init__(self, kv_dtype=torch.float32, rope=False, shared=True):
+    def __init__(self, kv_dtype=torch.float32, rope=False, shared=True, heads=H, kv_heads=G, head_dim=D):
         super().__init__()
         torch.manual_seed(0)
+        self.H, self.G, self.D = H, G, D = heads, kv_heads, head_dim
         self.q_proj, self.k_proj = nn.Linear(C, H * D), nn.Linear(C, G * D)
         self.v_proj = None if shared else nn.Linear(C, G * D)
         self.int8, self.kv_dtype = kv_dtype == torch.int8, kv_dtype
@@ -37,7 +38,7 @@ class TinyDecode(nn.Module):
             torch.ops.qkvx.update_cache(x, getattr(self, name), start)
 
     def forward(self, x, input_pos):
-        T = x.shape[1]
+        T, H, G, D = x.shape[1], self.H, self.G, self.D
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + T <= S)
@@ -61,6 +62,7 @@ class TinyDecode(nn.Module):
 def reference_steps(m: TinyDecode, xs, positions, reference):
     """The same computation in float64 plain torch, with its own cache: projections in fp32 (as
     the module), cache rows stored / quantized by torch, attention by the conftest reference."""
+    H, G, D = m.H, m.G, m.D
     kv = {n: torch.zeros(1, G, S, D) for n in (["kv"] if m.shared else ["k", "v"])}
     scales = {n: torch.zeros(1, G, S, 1) for n in kv}
     outs = []
@@ -128,6 +130,9 @@ VARIANTS = {
     "fp16_kv_shared_rope": dict(kv_dtype=torch.float16, rope=True),
     "int8_kv_shared_rope": dict(kv_dtype=torch.int8, rope=True),
     "int8_k_v": dict(kv_dtype=torch.int8, shared=False),
+    # one query row per kv head at head size 64: the kernels' direct path, kv heads in twos
+    "fp32_kv_shared_rope_mha64": dict(rope=True, heads=2, kv_heads=2, head_dim=64),
+    "fp16_kv_shared_mha64": dict(kv_dtype=torch.float16, heads=2, kv_heads=2, head_dim=64),
 }
 
 
