@@ -48,7 +48,7 @@ from qkvx.recipes import Gates, load_recipe
 from qkvx.util import variant_slug
 
 # 1.0-1.35M params: fast on one core. Head size 64, the paper's: the kernels' one-query-row decode
-# path (query turned per block for RoPE, kv heads read in twos) is compiled for 64 and 128 only.
+# path (state in registers, kv heads read in twos) is compiled for 64 and 128 only.
 SOAK_DIMS = dict(n_layer=4, n_embd=128, n_head=2, vocab_size=256)
 INIT_STD = 0.1  # 0.02 gives max|logit| ~1 and near-uniform attention; 0.1 gives ~5
 VARIANTS: dict[str, tuple[str, str, dict]] = {  # name -> (paper variant, family, other fields)

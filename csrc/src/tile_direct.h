@@ -49,8 +49,8 @@ int64_t prefetch_ahead(int64_t D) {
 // in registers: acc [D] as D/W vectors, max, sum. k, v: the block's Rows. Forced inline: called
 // out of line, the state would go through memory on every block.
 template <class Vt, int DT, int D, class Rows>
-[[gnu::always_inline]] inline void direct_block(const Tile& t, int64_t b, const Rows& k, const Rows& v, typename Vt::V* acc,
-                         float& mx, float& sum) {
+[[gnu::always_inline]] inline void direct_block(const Tile& t, int64_t b, const Rows& k, const Rows& v,
+                                                typename Vt::V* acc, float& mx, float& sum) {
   constexpr int NV = D / Vt::W;
   alignas(32) float sc[kBlock];
   if (t.cos == nullptr) {
