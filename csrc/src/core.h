@@ -39,6 +39,11 @@ Status update_cache(const qkvx_tensor* value, qkvx_tensor* cache, int64_t start_
 Status update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache, qkvx_tensor* scale,
                          int64_t start_pos);
 
+// Asks Linux for transparent huge pages on the cache's 2 MiB-aligned interior (huge_pages.cpp):
+// once per cache, and again when new_sequence. A no-op elsewhere or with QKVX_HUGE_PAGES=0.
+void prefer_huge_pages(void* data, int64_t bytes, bool new_sequence);
+bool huge_pages_enabled();
+
 struct AttendArgs {
   const qkvx_tensor* q = nullptr;        // fp32 [1, T, H, D]
   const qkvx_tensor* k_cache = nullptr;  // [1, G, S, D]

@@ -1,0 +1,72 @@
+// Transparent huge pages for the caches. Attention streams each head plane of the cache; on 4 KiB
+// pages every 4 KiB of that stream costs a TLB walk (two-level under a hypervisor), which caps
+// the read well below the memory's bandwidth. The runtime that owns the cache (ExecuTorch's
+// planned memory, torch's allocator) allocates it with plain malloc, so the kernel asks the
+// kernel for huge pages on the whole 2 MiB-aligned interior of the cache on its first write:
+// MADV_HUGEPAGE, so pages not yet touched fault in as huge pages (lazily: untouched parts of a
+// long cache still cost no memory), and MADV_COLLAPSE for the 2 MiB regions already touched.
+//
+// Advice only: contents never change, and every failure (no THP, an old kernel, a file-backed
+// mapping) leaves the pages as they were. QKVX_HUGE_PAGES=0 in the environment turns it off.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_HUGEPAGE
+#define MADV_HUGEPAGE 14
+#endif
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+#endif
+
+#include "core.h"
+
+namespace qkvx {
+
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("QKVX_HUGE_PAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+void prefer_huge_pages(void* data, int64_t bytes, bool new_sequence) {
+#if defined(__linux__)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (!huge_pages_enabled() || bytes < static_cast<int64_t>(kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end <= begin) return;
+  // Once per cache, and again when a sequence starts (position 0): a cache freed and another
+  // allocated at the same address is then advised too.
+  static std::mutex mu;
+  static std::set<std::pair<uintptr_t, uintptr_t>> advised;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!advised.insert({begin, end}).second && !new_sequence) return;
+  void* base = reinterpret_cast<void*>(begin);
+  if (madvise(base, end - begin, MADV_HUGEPAGE) != 0) return;
+  // Regions with a resident page were faulted in as 4 KiB pages before the advice: collapse them.
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident((end - begin) / page);
+  if (mincore(base, end - begin, resident.data()) != 0) return;
+  const size_t per_huge = kHuge / page;
+  for (size_t r = 0; r < resident.size(); r += per_huge) {
+    bool touched = false;
+    for (size_t i = r; i < r + per_huge && !touched; ++i) touched = resident[i] & 1;
+    if (touched) madvise(reinterpret_cast<void*>(begin + r * page), kHuge, MADV_COLLAPSE);
+  }
+#else
+  (void)data, (void)bytes, (void)new_sequence;
+#endif
+}
+
+}  // namespace qkvx
