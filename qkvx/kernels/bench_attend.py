@@ -8,9 +8,10 @@ Rows: qkvx::attend on a [1, G, S, D] cache (K=V fp32 / fp16 / int8, K=V + RoPE r
 read, separate K and V, MQA), and ExecuTorch's llama::custom_sdpa on the equivalent [1, S, H, D]
 caches (K=V: the same tensor as keys and values; K=V + RoPE as a .pte does it today: the prefix
 rotated into a transient, then custom_sdpa). Every cache is filled with random values before
-timing. qkvx is called through its C ABI (ctypes, views built once); custom_sdpa through
-torch.ops. Thread counts set ExecuTorch's threadpool, which both kernels use (and torch's
-intra-op threads for the RoPE transient).
+timing, in numpy-allocated memory (transparent huge pages where the OS has them). qkvx is called
+through its C ABI (ctypes, views built once); custom_sdpa through torch.ops. Thread counts set
+ExecuTorch's threadpool, which both kernels use (and torch's intra-op threads for the RoPE
+transient).
 
 GB/s = bytes of cache the call must read (rows 0..S-1 of every cache tensor, plus int8 scales;
 RoPE tables not counted) / median time. "% stream" compares it with a single-thread streaming
@@ -81,16 +82,23 @@ def _llama_case(name, q, k, v) -> Case:
     return Case(name, run, n)
 
 
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t in memory numpy allocated: numpy advises transparent huge pages for
+    large arrays, as the kernels do for a .pte's caches on their first write and as the streaming
+    read below has them, so the GB/s compare like with like."""
+    return torch.from_numpy(np.empty(tuple(t.shape), dtype=t.numpy().dtype)).copy_(t)
+
+
 def make_cases(S: int, gen: torch.Generator, with_llama: bool) -> list[Case]:
     from qkvx.models.attention import Rope
     from qkvx.quant.kv import quantize_int8
 
     q = torch.randn(1, 1, H, D, generator=gen)
-    kv = torch.randn(1, H, S, D, generator=gen)  # G = H: every query head has its own kv head
-    kv16 = kv.half()
-    kv8, s8 = quantize_int8(kv)
-    other = torch.randn(1, H, S, D, generator=gen)
-    mqa = torch.randn(1, 1, S, D, generator=gen)
+    kv = on_huge_pages(torch.randn(1, H, S, D, generator=gen))  # G = H: a kv head per query head
+    kv16 = on_huge_pages(kv.half())
+    kv8, s8 = (on_huge_pages(t) for t in quantize_int8(kv))
+    other = on_huge_pages(torch.randn(1, H, S, D, generator=gen))
+    mqa = on_huge_pages(torch.randn(1, 1, S, D, generator=gen))
     rope = Rope(D, S, 10000.0)
     cos, sin = rope.cos.contiguous(), rope.sin.contiguous()
     cases = [
@@ -103,8 +111,8 @@ def make_cases(S: int, gen: torch.Generator, with_llama: bool) -> list[Case]:
         _qkvx_case("qkvx MQA K=V fp32", q, mqa),
     ]
     if with_llama:
-        lk = kv.transpose(1, 2).contiguous()  # [1, S, H, D]
-        lv = other.transpose(1, 2).contiguous()
+        lk = on_huge_pages(kv.transpose(1, 2))  # [1, S, H, D]
+        lv = on_huge_pages(other.transpose(1, 2))
         cases += [
             _llama_case("llama custom_sdpa K=V fp32", q, lk, lk),
             _llama_case("llama custom_sdpa K,V fp32", q, lk, lv),
