@@ -39,9 +39,6 @@ constexpr int64_t kChunksPerThread = 4;
 constexpr int64_t kRopeTileTableBytes = 256 * 1024;
 // Rows per tile when a before_tile hook touches them first (K and V rows of one head: L2-sized).
 constexpr int64_t kHookTileRows = 512;
-int64_t elem_bytes(int32_t dtype) {
-  return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1;
-}
 
 bool usable(int path) {
   switch (path) {

@@ -8,17 +8,11 @@
 #include "half.h"
 
 namespace qkvx {
-namespace {
-int64_t nbytes(const qkvx_tensor* t, int64_t elem) {
-  for (int32_t i = 0; i < t->ndim; ++i) elem *= t->sizes[i];
-  return elem;
-}
-}  // namespace
 
 Status update_cache(const qkvx_tensor* value, qkvx_tensor* cache, int64_t start_pos) {
   Status st = check_update(value, cache, start_pos, false);
   if (!st.ok()) return st;
-  prefer_huge_pages(cache->data, nbytes(cache, cache->dtype == QKVX_FLOAT32 ? 4 : 2), start_pos == 0);
+  prefer_huge_pages(cache, start_pos == 0);
   const int64_t T = value->sizes[1], G = value->sizes[2], D = value->sizes[3];
   const int64_t S = cache->sizes[2];
   const float* src = static_cast<const float*>(value->data);
@@ -46,7 +40,7 @@ Status update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache, qkvx_tens
   Status st = check_update(value, cache, start_pos, true);
   if (st.ok()) st = check_scale("qkvx::update_cache_int8", "scale", scale, cache);
   if (!st.ok()) return st;
-  prefer_huge_pages(cache->data, nbytes(cache, 1), start_pos == 0);
+  prefer_huge_pages(cache, start_pos == 0);
   const int64_t T = value->sizes[1], G = value->sizes[2], D = value->sizes[3];
   const int64_t S = cache->sizes[2];
   const float* src = static_cast<const float*>(value->data);

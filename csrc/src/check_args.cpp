@@ -33,6 +33,14 @@ const char* shape_str(const qkvx_tensor* t, char* buf, size_t n) {
   return buf;
 }
 
+int64_t numel(const qkvx_tensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->sizes[i];
+  return n;
+}
+
+int64_t elem_bytes(int32_t dtype) { return dtype == QKVX_FLOAT32 ? 4 : dtype == QKVX_FLOAT16 ? 2 : 1; }
+
 namespace {
 
 const char* dtype_name(int32_t d) {
@@ -52,11 +60,7 @@ bool same_shape(const qkvx_tensor* a, const qkvx_tensor* b) {
   return true;
 }
 
-bool has_data(const qkvx_tensor* t) {
-  int64_t n = 1;
-  for (int i = 0; i < t->ndim; ++i) n *= t->sizes[i];
-  return n == 0 || t->data != nullptr;
-}
+bool has_data(const qkvx_tensor* t) { return numel(t) == 0 || t->data != nullptr; }
 
 // A rank-4 tensor [1, a, b, c] of one of the allowed dtypes with non-negative sizes.
 Status check_rank4(const char* op, const char* name, const qkvx_tensor* t, bool f32, bool f16,

@@ -28,6 +28,10 @@ Status fail(int code, const char* fmt, ...)
 // "[1, 4, 128, 64]" into buf.
 const char* shape_str(const qkvx_tensor* t, char* buf, size_t n);
 
+// Elements of t (the product of its sizes), and bytes per element of a qkvx dtype.
+int64_t numel(const qkvx_tensor* t);
+int64_t elem_bytes(int32_t dtype);
+
 // value [1, T, G, D] fp32 vs cache [1, G, S, D] (fp32/fp16, or int8 when int8) and start_pos.
 Status check_update(const qkvx_tensor* value, const qkvx_tensor* cache, int64_t start_pos,
                     bool int8);
@@ -41,8 +45,7 @@ Status update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache, qkvx_tens
 
 // Asks Linux for transparent huge pages on the cache's 2 MiB-aligned interior (huge_pages.cpp):
 // once per cache, and again when new_sequence. A no-op elsewhere or with QKVX_HUGE_PAGES=0.
-void prefer_huge_pages(void* data, int64_t bytes, bool new_sequence);
-bool huge_pages_enabled();
+void prefer_huge_pages(const qkvx_tensor* cache, bool new_sequence);
 
 struct AttendArgs {
   const qkvx_tensor* q = nullptr;        // fp32 [1, T, H, D]

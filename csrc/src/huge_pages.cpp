@@ -30,6 +30,7 @@
 #include "core.h"
 
 namespace qkvx {
+namespace {
 
 bool huge_pages_enabled() {
   static const bool on = [] {
@@ -39,9 +40,13 @@ bool huge_pages_enabled() {
   return on;
 }
 
-void prefer_huge_pages(void* data, int64_t bytes, bool new_sequence) {
+}  // namespace
+
+void prefer_huge_pages(const qkvx_tensor* cache, bool new_sequence) {
 #if defined(__linux__)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const void* data = cache->data;
+  const int64_t bytes = numel(cache) * elem_bytes(cache->dtype);
   if (!huge_pages_enabled() || bytes < static_cast<int64_t>(kHuge)) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
@@ -65,7 +70,7 @@ void prefer_huge_pages(void* data, int64_t bytes, bool new_sequence) {
     if (touched) madvise(reinterpret_cast<void*>(begin + r * page), kHuge, MADV_COLLAPSE);
   }
 #else
-  (void)data, (void)bytes, (void)new_sequence;
+  (void)cache, (void)new_sequence;
 #endif
 }
 
