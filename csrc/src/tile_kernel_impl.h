@@ -83,9 +83,11 @@ inline void dot_block(const float* q, const Rows& k, int64_t D, float* out) {
   Vt::reduce8(acc, out);
 }
 
-// out[j] = q . rope(k[j]) for the 8 rows of a block, each row rotated in registers as it is read
-// (no rotated copy is stored): q1 . (x1 c - x2 s) + q2 . (x2 c + x1 s) over the halves, with the
-// half tables c[j], s[j] [D/2] of row j's position. Rows of KT.
+// out[j] = q . rope(k[j]) for the 8 rows of a block, no rotated copy stored: q1 . (x1 c - x2 s) +
+// q2 . (x2 c + x1 s) over the halves is computed as x1 . (q1 c + q2 s) + x2 . (q2 c - q1 s), with
+// the half tables c[j], s[j] [D/2] of row j's position. Turning the query rather than the row
+// leaves one FMA per vector waiting on the cache read (the other four need only q and the table,
+// which is in L2), so more reads are in flight. Rows of KT.
 template <class Vt, int KT, class Rows, class TableRows>
 inline void dot_block_rope(const float* q, const Rows& k, const TableRows& c, const TableRows& s,
                            int64_t D, float* out) {
@@ -98,8 +100,9 @@ inline void dot_block_rope(const float* q, const Rows& k, const TableRows& c, co
       const auto x1 = k.template load<Vt, KT>(j, i), x2 = k.template load<Vt, KT>(j, h + i);
       const auto cv = Vt::load(static_cast<const float*>(c[j]) + i);
       const auto sv = Vt::load(static_cast<const float*>(s[j]) + i);
-      acc[j] = Vt::fma(q1, Vt::fnma(x2, sv, Vt::mul(x1, cv)), acc[j]);
-      acc[j] = Vt::fma(q2, Vt::fma(x1, sv, Vt::mul(x2, cv)), acc[j]);
+      const auto a = Vt::fma(q2, sv, Vt::mul(q1, cv)), bq = Vt::fnma(q1, sv, Vt::mul(q2, cv));
+      acc[j] = Vt::fma(x1, a, acc[j]);
+      acc[j] = Vt::fma(x2, bq, acc[j]);
     }
   }
   Vt::reduce8(acc, out);
