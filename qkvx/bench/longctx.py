@@ -2,7 +2,7 @@
 Q-MQA in the GPT (learned positions) and Llama (RoPE) families, on 1 and 2 threads, for
 
   .pte   qkvx's kernels with an fp32 / fp16 / int8 cache, and ExecuTorch's LLM ops (llama::*) with
-         an fp32 / int8 cache; ETDump's attention share of each step (1 thread);
+         an fp32 / int8 cache; ETDump's attention share of each step (1 thread, every round);
   ONNX   each attention graph (plain ONNX ops, mha, rotary, the qkvx custom op).
 
     python -m qkvx.bench.longctx --out DIR [--formats pte,onnx] [--rounds 3] [--contexts ...]
@@ -164,8 +164,7 @@ def run(out: Path, cfgs: list[Config], contexts, threads, rounds: int, steps: in
         result["stream_gbs"].append(stream["stream_gbs"])
         result.setdefault("read_gbs", []).append(stream["read_gbs"])
         for i, cfg in enumerate(cfgs):
-            profile = cfg.format == "pte" and r == 0  # ETDump once: shares vary less than times
-            res = measure(cfg, cfg.path(out), contexts, threads, steps, profile)
+            res = measure(cfg, cfg.path(out), contexts, threads, steps, profile=cfg.format == "pte")
             result["runs"].setdefault(cfg.key, []).append(res)
             one = res["ms"][str(threads[0])]
             print(

@@ -193,6 +193,9 @@ def main(argv: list[str]) -> int:
     if a["format"] == "pte" and a.get("profile"):
         from qkvx.bench.profile import profile_pte
 
+        # The bound its attention's read rate is compared with, measured in this process right
+        # before (a round's own stream read is minutes away on a machine whose speed drifts).
+        out["stream_gbs"] = stream_gbs()
         out["profile"] = {str(c): profile_pte(path, c, a["steps"]) for c in contexts}
     print(json.dumps(out))
     return 0
