@@ -12,7 +12,7 @@ namespace qkvx {
 Status update_cache(const qkvx_tensor* value, qkvx_tensor* cache, int64_t start_pos) {
   Status st = check_update(value, cache, start_pos, false);
   if (!st.ok()) return st;
-  prefer_huge_pages(cache, start_pos == 0);
+  prefer_huge_pages(cache, start_pos, value->sizes[1]);
   const int64_t T = value->sizes[1], G = value->sizes[2], D = value->sizes[3];
   const int64_t S = cache->sizes[2];
   const float* src = static_cast<const float*>(value->data);
@@ -40,7 +40,7 @@ Status update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache, qkvx_tens
   Status st = check_update(value, cache, start_pos, true);
   if (st.ok()) st = check_scale("qkvx::update_cache_int8", "scale", scale, cache);
   if (!st.ok()) return st;
-  prefer_huge_pages(cache, start_pos == 0);
+  prefer_huge_pages(cache, start_pos, value->sizes[1]);
   const int64_t T = value->sizes[1], G = value->sizes[2], D = value->sizes[3];
   const int64_t S = cache->sizes[2];
   const float* src = static_cast<const float*>(value->data);

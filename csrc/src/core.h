@@ -43,9 +43,10 @@ Status update_cache(const qkvx_tensor* value, qkvx_tensor* cache, int64_t start_
 Status update_cache_int8(const qkvx_tensor* value, qkvx_tensor* cache, qkvx_tensor* scale,
                          int64_t start_pos);
 
-// Asks Linux for transparent huge pages on the cache's 2 MiB-aligned interior (huge_pages.cpp):
-// once per cache, and again when new_sequence. A no-op elsewhere or with QKVX_HUGE_PAGES=0.
-void prefer_huge_pages(const qkvx_tensor* cache, bool new_sequence);
+// Asks Linux for transparent huge pages on the cache's 2 MiB-aligned interior (huge_pages.cpp)
+// before a write of `rows` rows at start_pos: unless the write continues the previous one to the
+// same addresses. A no-op elsewhere or with QKVX_HUGE_PAGES=0.
+void prefer_huge_pages(const qkvx_tensor* cache, int64_t start_pos, int64_t rows);
 
 struct AttendArgs {
   const qkvx_tensor* q = nullptr;        // fp32 [1, T, H, D]

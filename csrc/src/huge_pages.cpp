@@ -11,8 +11,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
-#include <set>
 #include <utility>
 #include <vector>
 
@@ -42,7 +42,7 @@ bool huge_pages_enabled() {
 
 }  // namespace
 
-void prefer_huge_pages(const qkvx_tensor* cache, bool new_sequence) {
+void prefer_huge_pages(const qkvx_tensor* cache, int64_t start_pos, int64_t rows) {
 #if defined(__linux__)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const void* data = cache->data;
@@ -51,12 +51,22 @@ void prefer_huge_pages(const qkvx_tensor* cache, bool new_sequence) {
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
   if (end <= begin) return;
-  // Once per cache, and again when a sequence starts (position 0): a cache freed and another
-  // allocated at the same address is then advised too.
+  // The advice belongs to the mapping, not to the addresses: a cache freed and another mapped at
+  // the same addresses (a program loaded again) starts without it, and its pages already written
+  // (an initial cache state copied in at load) are 4 KiB ones. So the advice is given again
+  // whenever a write does not continue the previous write to these addresses (a new sequence, a
+  // seek, another cache there); a write that continues costs a lookup. Not caught: another
+  // cache there whose first write lands exactly where the freed one's next write would have (no
+  // cheap, portable call tells a huge page from a small one).
   static std::mutex mu;
-  static std::set<std::pair<uintptr_t, uintptr_t>> advised;
+  static std::map<std::pair<uintptr_t, uintptr_t>, int64_t> next_row;  // the row a continuing write starts at
   std::lock_guard<std::mutex> lock(mu);
-  if (!advised.insert({begin, end}).second && !new_sequence) return;
+  const auto [it, first] = next_row.try_emplace({begin, end}, start_pos + rows);
+  if (!first) {
+    const bool continues = it->second == start_pos;
+    it->second = start_pos + rows;
+    if (continues) return;
+  }
   void* base = reinterpret_cast<void*>(begin);
   if (madvise(base, end - begin, MADV_HUGEPAGE) != 0) return;
   // Regions with a resident page were faulted in as 4 KiB pages before the advice: collapse them.
@@ -70,7 +80,7 @@ void prefer_huge_pages(const qkvx_tensor* cache, bool new_sequence) {
     if (touched) madvise(reinterpret_cast<void*>(begin + r * page), kHuge, MADV_COLLAPSE);
   }
 #else
-  (void)cache, (void)new_sequence;
+  (void)cache, (void)start_pos, (void)rows;
 #endif
 }
 

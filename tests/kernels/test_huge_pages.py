@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
     not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages on this kernel"
 )
 
-CHILD = r"""
+PRELUDE = r"""
 import json, re, sys, torch
 import qkvx.kernels
 
@@ -31,7 +31,9 @@ def kib(t, key):
         elif inside and line.startswith(key + ":"):
             total += int(line.split()[1])
     return total
+"""
 
+CHILD = PRELUDE + r"""
 G, S, D = 2, 65536, 64  # 32 MiB of fp32 cache
 value = torch.arange(G * D, dtype=torch.float32).reshape(1, 1, G, D)
 touched = torch.randn(1, G, S, D, generator=torch.Generator().manual_seed(0))  # every page written
@@ -50,9 +52,9 @@ print(json.dumps({
 """
 
 
-def run_child(**env) -> dict:
+def run_child(code: str = CHILD, **env) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -68,6 +70,30 @@ def test_cache_write_moves_the_cache_to_huge_pages(kernels):
     # nothing). The first head's row lies before the first 2 MiB boundary, in 4 KiB pages.
     assert r["untouched_huge"] >= 2048, r
     assert r["untouched_rss"] <= 8 * 1024, r
+
+
+# A program loaded again: its cache mapped at the addresses of a freed one, and first written
+# mid-sequence (its earlier rows came with the program, as a .pte's initial cache state does).
+# Not caught: a first write exactly where the freed cache's next one would have gone.
+# 64 MiB: above glibc's largest mmap threshold, so both caches are mappings of their own.
+REMAPPED = PRELUDE + r"""
+G, S, D = 2, 131072, 64
+value = torch.ones(1, 1, G, D)
+first = torch.randn(1, G, S, D)
+for pos in (5, 6, 7):  # a sequence: advised on the first write
+    torch.ops.qkvx.update_cache(value, first, pos)
+addr = first.data_ptr()
+del first
+second = torch.randn(1, G, S, D)  # 4 KiB pages, every one written
+torch.ops.qkvx.update_cache(value, second, 100)  # a seek: not where the freed cache's next write went
+print(json.dumps({"same_addresses": second.data_ptr() == addr, "huge": kib(second, "AnonHugePages")}))
+"""
+
+
+def test_a_cache_mapped_where_a_freed_one_was_is_advised_again(kernels):
+    r = run_child(REMAPPED)
+    assert r["same_addresses"], r  # the case itself: Linux maps the new cache into the hole
+    assert r["huge"] >= 60 * 1024, r  # its 31 whole 2 MiB-aligned regions (62 MiB) collapsed
 
 
 def test_huge_pages_off_by_environment(kernels):
