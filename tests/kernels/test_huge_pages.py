@@ -33,7 +33,7 @@ def kib(t, key):
     return total
 """
 
-CHILD = PRELUDE + r"""
+CHILD = r"""
 G, S, D = 2, 65536, 64  # 32 MiB of fp32 cache
 value = torch.arange(G * D, dtype=torch.float32).reshape(1, 1, G, D)
 touched = torch.randn(1, G, S, D, generator=torch.Generator().manual_seed(0))  # every page written
@@ -54,7 +54,11 @@ print(json.dumps({
 
 def run_child(code: str = CHILD, **env) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PRELUDE + code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,7 +80,7 @@ def test_cache_write_moves_the_cache_to_huge_pages(kernels):
 # mid-sequence (its earlier rows came with the program, as a .pte's initial cache state does).
 # Not caught: a first write exactly where the freed cache's next one would have gone.
 # 64 MiB: above glibc's largest mmap threshold, so both caches are mappings of their own.
-REMAPPED = PRELUDE + r"""
+REMAPPED = r"""
 G, S, D = 2, 131072, 64
 value = torch.ones(1, 1, G, D)
 first = torch.randn(1, G, S, D)
