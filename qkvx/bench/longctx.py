@@ -16,7 +16,8 @@ bound the GB/s figures are compared with, and a vectorized read (torch.sum) on 1
 (what a second core adds to the memory bandwidth: the bound of a memory-bound step's 2-thread
 speedup). Each round also times pairs (pairs()): two processes, each holding one artifact,
 their single-token steps alternated, so both sides see the same moments: QKV vs Q-K=V, 1 vs 2
-threads (a 1 vs 2 threads read alternated right after as the control), fp32 vs int8 cache, the
+threads (a 1 vs 2 threads read alternated right after as the control; a .pte's threads pinned one
+per core, longctx_worker.pin_threads), fp32 vs int8 cache, the
 .pte vs each ONNX graph. The goals are judged on those paired
 ratios (on this noisy VM separate processes minutes apart move a ratio by up to 1.2x). Every
 cache position a step reads holds real values (longctx_worker).

@@ -19,6 +19,7 @@ context c without a c-token prefill.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,9 +38,39 @@ def _time_steps(decode, steps: int) -> float:
     return statistics.median(times[2:])
 
 
+# The cores this process may use, as it started (before any pinning).
+_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def pin_threads(n: int) -> None:
+    """With n > 1, each thread of this process on one core: the main thread on the first allowed
+    core, every other thread (ExecuTorch's pool workers among them) on the next ones in turn; with
+    n = 1, every thread back on all allowed cores. Why: alternated with another process's steps
+    (longctx.alternate_workers), the kernel often woke the pool worker onto the core its main
+    thread was on and kept it there for seconds (cache-hot tasks are not migrated), so the
+    2-thread step ran on one core (its CPU time equal to its wall time) while the other idled.
+    Steps back to back (a partner whose steps take no time, as in an app's decode loop) never
+    showed it; pinning, as llama.cpp's --cpu-strict does, rules it out. Linux only (elsewhere a
+    no-op)."""
+    if _CORES is None:
+        return
+    cores = _CORES
+    tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    main = os.getpid()
+    others = [t for t in tids if t != main]
+    if n == 1 or len(cores) < 2:
+        for t in tids:
+            os.sched_setaffinity(t, cores)
+        return
+    os.sched_setaffinity(main, {cores[0]})
+    for i, t in enumerate(others):
+        os.sched_setaffinity(t, {cores[1 + i % (len(cores) - 1)]})
+
+
 class _Pte:
     """The program is loaded again for each thread count: XNNPACK keeps the threadpool it was
-    created with, and resizing ExecuTorch's pool under a loaded program leaves it a freed pool."""
+    created with, and resizing ExecuTorch's pool under a loaded program leaves it a freed pool.
+    Its threads are pinned (pin_threads)."""
 
     def __init__(self, path: Path):
         self.path, self.runner = path, None
@@ -51,6 +82,7 @@ class _Pte:
         if K.set_num_threads(n) != n:  # ExecuTorch's pool: XNNPACK's and the kernels'
             raise RuntimeError(f"ExecuTorch's threadpool refused {n} threads")
         self.load()
+        pin_threads(n)
 
     def load(self) -> None:
         """Load the program on the pool as it is now."""
@@ -129,8 +161,6 @@ def serve(fmt: str, path: Path, threads: int, read_mib: int) -> None:
     that a parent can alternate the steps of two such processes (longctx.alternate) and both see
     the same moments of a noisy machine: "seek POS" -> "ok" (the next step writes position POS),
     "step" -> the step's ms (timed here: no pipe in it), "quit"."""
-    import os
-
     answers = os.fdopen(os.dup(1), "w")  # the protocol's own stream; what libraries print goes
     os.dup2(2, 1)  # to stderr instead of between answers
     rt = _Pte(path) if fmt == "pte" else _Onnx(path, [threads]) if fmt == "onnx" else _Read(read_mib)

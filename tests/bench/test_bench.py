@@ -1,6 +1,9 @@
 """The bench's measuring parts: child peak RSS, the roofline's bytes per token against DESIGN.md 7's
 formula, cache bytes read back from real artifacts, the worker on tiny exports, and the goal logic."""
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -116,3 +119,39 @@ def test_goals_met_and_missed():
         not got[".pte >= 50 % of roofline at 2048 (QKV, fp32)"]
         and got[".pte >= 50 % of roofline at 2048 (Q-K=V, fp32)"]
     )
+
+
+_PIN_CHILD = """
+import json, os, threading
+from qkvx.bench.longctx_worker import _CORES, pin_threads
+stop = threading.Event()
+workers = [threading.Thread(target=stop.wait) for _ in range(2)]
+for w in workers:
+    w.start()
+def affinity():
+    return {t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+pin_threads(2)
+two = affinity()
+pin_threads(1)
+one = affinity()
+stop.set()
+print(json.dumps({"main": os.getpid(), "cores": _CORES, "two": two, "one": one}))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 cores"
+)
+def test_pin_threads_puts_the_main_thread_and_the_others_on_different_cores_and_back():
+    out = json.loads(
+        subprocess.run([sys.executable, "-c", _PIN_CHILD], capture_output=True, text=True, check=True).stdout
+    )
+    cores, main = out["cores"], str(out["main"])
+    assert len(out["two"]) >= 3  # the main thread and the two started above
+    assert out["two"][main] == [cores[0]]
+    assert all(
+        a == [cores[1]] if len(cores) == 2 else len(a) == 1 and a[0] != cores[0]
+        for t, a in out["two"].items()
+        if t != main
+    )
+    assert all(a == cores for a in out["one"].values())
