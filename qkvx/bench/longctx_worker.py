@@ -46,25 +46,23 @@ def pin_threads(n: int) -> None:
     """With n > 1, each thread of this process on one core: the main thread on the first allowed
     core, every other thread (ExecuTorch's pool workers among them) on the next ones in turn; with
     n = 1, every thread back on all allowed cores. Why: alternated with another process's steps
-    (longctx.alternate_workers), the kernel often woke the pool worker onto the core its main
-    thread was on and kept it there for seconds (cache-hot tasks are not migrated), so the
-    2-thread step ran on one core (its CPU time equal to its wall time) while the other idled.
-    Steps back to back (a partner whose steps take no time, as in an app's decode loop) never
-    showed it; pinning, as llama.cpp's --cpu-strict does, rules it out. Linux only (elsewhere a
-    no-op)."""
+    (longctx.alternate_workers), the 2-thread step often ran as if on one core (its CPU time equal
+    to its wall time) while the other core idled, consistent with the scheduler waking the pool
+    worker onto its main thread's core and keeping it there. Steps back to back (a partner whose
+    steps take no time, as in an app's decode loop) never showed it; pinning, as llama.cpp's
+    --cpu-strict does, rules it out. Linux only (elsewhere a no-op)."""
     if _CORES is None:
         return
-    cores = _CORES
     tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
-    main = os.getpid()
-    others = [t for t in tids if t != main]
-    if n == 1 or len(cores) < 2:
+    if n == 1 or len(_CORES) < 2:
         for t in tids:
-            os.sched_setaffinity(t, cores)
+            os.sched_setaffinity(t, _CORES)
         return
-    os.sched_setaffinity(main, {cores[0]})
+    main = os.getpid()
+    os.sched_setaffinity(main, {_CORES[0]})
+    others = [t for t in tids if t != main]
     for i, t in enumerate(others):
-        os.sched_setaffinity(t, {cores[1 + i % (len(cores) - 1)]})
+        os.sched_setaffinity(t, {_CORES[1 + i % (len(_CORES) - 1)]})
 
 
 class _Pte:
